@@ -1,0 +1,115 @@
+"""stage-model: copy a Hub repo at a pinned revision into the S3 model store, streamed and verified."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed, wait
+from pydantic import BaseModel
+
+from blocks.loading import load_config
+from blocks.model_source import ModelSource
+from blocks.model_store import ModelStore
+from tasks.hub import resolve_revision
+from tasks.progress import Progress
+from tasks.s3 import model_prefix
+from tasks.staging import check_model_store, find_manifest, stage_file, write_model_manifest
+from tasks.transfer import FileResult, TransferSettings
+
+
+class StagedModel(BaseModel):
+    repo_id: str
+    revision: str
+    sha: str
+    s3_uri: str
+    bucket: str
+    prefix: str
+    files: int
+    total_bytes: int
+    bytes_uploaded: int
+    seconds: float
+    already_staged: bool
+
+
+def _artifact_key(repo_id: str) -> str:
+    return "stage-" + "".join(c if c.isalnum() else "-" for c in repo_id.lower()).strip("-")
+
+
+def stage(source: ModelSource, store: ModelStore, transfer: TransferSettings) -> StagedModel:
+    """The stage flow's body, callable with block objects (the pipeline and tests use it)."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    check_model_store(store)
+    snapshot = resolve_revision(source)
+    prefix = model_prefix(store, snapshot.repo_id, snapshot.sha)
+    s3_uri = f"s3://{store.bucket_name}/{prefix}/"
+    logger.info("%s@%s is commit %s: %d files, %d bytes -> %s", source.repo_id, source.revision, snapshot.sha,
+                len(snapshot.files), snapshot.total_bytes, s3_uri)
+    done = find_manifest(store, prefix, snapshot)
+    if done is not None:
+        logger.info("already staged at %s (manifest of %s): nothing to transfer", s3_uri, done.staged_at)
+        result = StagedModel(
+            repo_id=snapshot.repo_id, revision=snapshot.revision, sha=snapshot.sha, s3_uri=s3_uri, bucket=store.bucket_name,
+            prefix=prefix, files=len(done.files), total_bytes=done.total_bytes, bytes_uploaded=0,
+            seconds=time.monotonic() - started, already_staged=True,
+        )
+        _summary(result, [])
+        return result
+
+    progress = Progress(_artifact_key(source.repo_id) + "-progress", snapshot.total_bytes, f"Staging {source.repo_id}@{snapshot.sha[:12]}")
+    pending = sorted(snapshot.files, key=lambda f: -f.size)  # big files first: the tail is short
+    running, results = [], []
+    try:
+        while pending or running:
+            while pending and len(running) < transfer.files_in_flight:
+                f = pending.pop(0)
+                running.append(stage_file.submit(source, store, snapshot, prefix, f, transfer, progress))
+            finished = next(as_completed(running))
+            running.remove(finished)
+            results.append(finished.result())
+    finally:
+        wait(running)  # never leave a transfer running behind a failed one
+    progress.finish()
+    write_model_manifest(store, prefix, snapshot, results)
+    result = StagedModel(
+        repo_id=snapshot.repo_id, revision=snapshot.revision, sha=snapshot.sha, s3_uri=s3_uri, bucket=store.bucket_name,
+        prefix=prefix, files=len(results), total_bytes=sum(r.size for r in results),
+        bytes_uploaded=sum(r.bytes_uploaded for r in results), seconds=time.monotonic() - started, already_staged=False,
+    )
+    _summary(result, results)
+    return result
+
+
+def _summary(result: StagedModel, files: list[FileResult]) -> None:
+    mbps = result.bytes_uploaded / max(result.seconds, 1e-6) / 1e6
+    lines = [
+        f"# Staged `{result.repo_id}`",
+        "",
+        f"- revision `{result.revision}` = commit `{result.sha}`",
+        f"- location `{result.s3_uri}` (manifest `_manifest.json` written last)",
+        f"- {result.files} files, {result.total_bytes / 1e6:.1f} MB; uploaded {result.bytes_uploaded / 1e6:.1f} MB "
+        f"in {result.seconds:.1f} s ({mbps:.1f} MB/s)",
+        f"- {'already staged: nothing transferred' if result.already_staged else 'transferred and verified (size + sha256)'}",
+    ]
+    if files:
+        lines += ["", "| file | size (MB) | sha256 | uploaded |", "|---|---:|---|---|"]
+        for r in sorted(files, key=lambda r: r.path):
+            lines.append(f"| `{r.path}` | {r.size / 1e6:.2f} | `{r.sha256[:16]}…` | {'no (already there)' if r.skipped else 'yes'} |")
+    create_markdown_artifact("\n".join(lines), key=_artifact_key(result.repo_id), description=f"Staged {result.repo_id}")
+
+
+@flow(name="stage-model", log_prints=True)
+def stage_model(
+    repo_id: str | None = None,
+    revision: str | None = None,
+    model_source_block: str | None = None,
+    model_store_block: str | None = None,
+    transfer: TransferSettings = TransferSettings(),
+) -> StagedModel:
+    """Stage a Hub model into S3. `repo_id`/`revision` override the ModelSource block (saved
+    under `model_source_block`, or the defaults); the token, if any, comes only from the block."""
+    source = load_config(ModelSource, model_source_block, repo_id=repo_id, revision=revision)
+    store = load_config(ModelStore, model_store_block)
+    return stage(source, store, transfer)

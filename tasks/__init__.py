@@ -1,0 +1,1 @@
+"""Retryable, idempotent units of work, grouped by the system they touch."""

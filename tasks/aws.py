@@ -1,0 +1,70 @@
+"""The one place AWS clients are made.
+
+Every boto3 client in the project comes from `aws_client`, built from prefect-aws's
+`AwsCredentials` block. boto3 reads `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>`
+itself, so the local moto server and real AWS take the same code path: nothing here
+knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.config import Config
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from prefect_aws import AwsCredentials
+
+# Timeouts of our own: a Prefect task timeout cannot interrupt a blocking socket read.
+_BASE_CONFIG = Config(
+    connect_timeout=10,
+    read_timeout=120,
+    retries={"mode": "standard", "max_attempts": 6},
+    max_pool_connections=64,
+)
+
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "InsufficientInstanceCapacity",
+    }
+)
+
+
+def aws_client(service: str, credentials: AwsCredentials | None = None, region: str | None = None) -> Any:
+    """A boto3 client for `service` with the project's timeouts and retry policy."""
+    creds = credentials or AwsCredentials()
+    params = dict(creds.aws_client_parameters.get_params_override())
+    config = _BASE_CONFIG
+    if "config" in params:
+        config = config.merge(params.pop("config"))
+    session = creds.get_boto3_session()
+    if region:
+        params["region_name"] = region
+    return session.client(service, config=config, **params)
+
+
+def is_transient_aws_error(exc: BaseException) -> bool:
+    """True for errors a retry can fix: throttling, 5xx, timeouts, dropped connections."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in TRANSIENT_ERROR_CODES or status >= 500
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""

@@ -1,0 +1,40 @@
+"""Errors the pipeline raises on purpose, and the one retry rule every task uses."""
+
+from __future__ import annotations
+
+import httpx
+
+from tasks.aws import is_transient_aws_error
+
+
+class PipelineInputError(ValueError):
+    """Bad input or configuration the user must fix; never retried. One line, names the culprit."""
+
+
+class IntegrityError(RuntimeError):
+    """Bytes did not match their advertised size or hash; retried (a transfer can corrupt)."""
+
+
+_TRANSIENT_HTTP = (
+    httpx.TransportError,  # connect/read timeouts, resets, dropped connections mid-body
+    httpx.RemoteProtocolError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PipelineInputError):
+        return False
+    if isinstance(exc, (IntegrityError, *_TRANSIENT_HTTP, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (408, 429) or exc.response.status_code >= 500
+    return is_transient_aws_error(exc)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry throttling, 5xx, timeouts, resets and corrupt transfers only."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we classify it
+        return is_transient(exc)
+    return False
