@@ -166,14 +166,18 @@ class VllmServerSettings(Block):
             raise ValueError("lora_adapters: served names must be unique and differ from served_model_name")
         return self
 
-    def server_args(self, model_path: str | Path, adapter_paths: dict[str, str] | None = None) -> list[str]:
-        """The vLLM OpenAI server's flags for this model. The API key is not among them:
-        it goes through the environment (VLLM_API_KEY), never a command line."""
+    def server_args(
+        self, model_path: str | Path = "{model}", adapter_paths: dict[str, str] | None = None,
+        host: str = "0.0.0.0", port: int | None = None,
+    ) -> list[str]:
+        """The vLLM OpenAI server's flags. The API key is not among them: it goes through the
+        environment (VLLM_API_KEY), never a command line. `{model}` is left for the image's
+        entrypoint to replace with the fetched model's path."""
         args = [
             "--model", str(model_path),
             "--served-model-name", self.served_model_name,
-            "--host", "0.0.0.0",
-            "--port", str(self.port),
+            "--host", host,
+            "--port", str(port or self.port),
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
             "--dtype", self.dtype,

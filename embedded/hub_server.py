@@ -85,7 +85,7 @@ class HubRepo:
 class Faults:
     """Failures the server injects: {path: how many more times} (-1: every time)."""
 
-    drop_mid_file: dict[str, int] = field(default_factory=dict)  # send half the bytes, then close
+    drop_mid_file: dict[str, int] = field(default_factory=dict)  # close the connection at the file's middle byte
     corrupt: dict[str, int] = field(default_factory=dict)  # flip a byte, keep the advertised sha256
     error_5xx: dict[str, int] = field(default_factory=dict)  # answer 503
 
@@ -293,12 +293,12 @@ def _make_handler(hub: LocalHub):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            drop = hub.take_fault("drop_mid_file", rel)
+            middle = f.size // 2  # a dropped connection breaks off at the file's middle byte
+            drop = start <= middle <= end and hub.take_fault("drop_mid_file", rel)
             corrupt = hub.take_fault("corrupt", rel)
-            self._send_bytes(f, start, length, drop, corrupt)
+            self._send_bytes(f, start, length, middle - start if drop else length, drop, corrupt)
 
-        def _send_bytes(self, f: HubFile, start: int, length: int, drop: bool, corrupt: bool) -> None:
-            limit = length // 2 if drop else length
+        def _send_bytes(self, f: HubFile, start: int, length: int, limit: int, drop: bool, corrupt: bool) -> None:
             sent = 0
             with f.local.open("rb") as src:
                 src.seek(start)

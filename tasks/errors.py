@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import urllib3
 
 from tasks.aws import is_transient_aws_error
 
@@ -11,13 +12,18 @@ class PipelineInputError(ValueError):
     """Bad input or configuration the user must fix; never retried. One line, names the culprit."""
 
 
+class TransientHttpError(RuntimeError):
+    """An HTTP answer a retry can fix: 429, 5xx, a short body."""
+
+
 class IntegrityError(RuntimeError):
     """Bytes did not match their advertised size or hash; retried (a transfer can corrupt)."""
 
 
 _TRANSIENT_HTTP = (
     httpx.TransportError,  # connect/read timeouts, resets, dropped connections mid-body
-    httpx.RemoteProtocolError,
+    urllib3.exceptions.HTTPError,  # the same, from urllib3 (streamed Hub downloads)
+    TransientHttpError,
 )
 
 

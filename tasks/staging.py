@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +10,7 @@ from blocks.model_store import ModelStore
 from tasks.errors import retry_if_transient
 from tasks.hub import HubFile, RepoSnapshot, file_url, hub_headers
 from tasks.s3 import Manifest, ManifestFile, read_manifest, require_bucket, s3_client, utc_now, write_manifest
-from tasks.transfer import FileResult, TransferSettings, stream_file
+from tasks.transfer import FileResult, TransferSettings, http_pool, stream_file
 
 _RETRY = dict(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 
@@ -41,8 +40,7 @@ def stage_file(
 ) -> FileResult:
     logger = get_run_logger()
     s3 = s3_client(store)
-    timeout = httpx.Timeout(connect=15, read=120, write=60, pool=60)
-    with httpx.Client(timeout=timeout) as http:
+    with http_pool(transfer.parts_in_flight) as http:
         result = stream_file(
             s3, http, file_url(snapshot, f.path), hub_headers(source), store.bucket_name, f"{prefix}/{f.path}", f, transfer,
             on_bytes=progress.add if progress else (lambda n: None),

@@ -79,8 +79,9 @@ def test_connection_dropped_mid_file_is_resumed(hub, bucket, tiny_model):
     hub.inject("drop_mid_file", BIG)
     result = _run(bucket)
     assert _objects(bucket, result.prefix)[BIG] == (tiny_model / BIG).read_bytes()
-    ranged = [r for r in hub.requests if r[1].endswith(BIG)]
-    assert len(ranged) == 2  # the first GET dropped half-way, the second resumed with a Range
+    gets = [r for r in hub.requests if r[0] == "GET" and r[1].endswith(BIG)]
+    parts = -(-(tiny_model / BIG).stat().st_size // (5 * 1024 * 1024))
+    assert len(gets) == parts + 1  # one part's GET dropped half-way and was fetched again, nothing else
 
 
 def test_killed_run_resumes_without_resending_parts(hub, bucket, tiny_model):

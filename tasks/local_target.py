@@ -1,0 +1,54 @@
+"""Prefect tasks of the local target: API key in Secrets Manager, start/stop the local server."""
+
+from __future__ import annotations
+
+import httpx
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.vllm_server import VllmServerSettings
+from tasks.errors import retry_if_transient
+from tasks.local_runtime import is_our_server, start_server, stop_server, wait_ready
+from tasks.secrets import ensure_secret, read_secret
+from tasks.state import Endpoint, ModelRef
+
+_RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+
+
+@task(name="ensure-api-key-secret", **_RETRY)
+def ensure_api_key(stack: str, settings: VllmServerSettings) -> str:
+    return ensure_secret(stack, "api-key", settings.api_key)
+
+
+def endpoint_alive(endpoint: Endpoint | None) -> bool:
+    if endpoint is None or not is_our_server(endpoint.pid):
+        return False
+    try:
+        return httpx.get(f"{endpoint.url}/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@task(name="start-local-vllm", cache_policy=NO_CACHE)
+def start_local_server(
+    stack: str, settings: VllmServerSettings, model: ModelRef, api_key_secret: str, ready_timeout_s: float,
+    adapters: dict[str, str] | None = None,
+) -> Endpoint:
+    """Start the server through the image entrypoint and wait until it serves the model."""
+    logger = get_run_logger()
+    api_key = read_secret(api_key_secret).get_secret_value()
+    pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters)
+    logger.info("vLLM server starting: pid %d, %s, log %s", pid, url, log_path)
+    wait_ready(pid, url, settings.served_model_name, api_key, log_path, ready_timeout_s)
+    logger.info("vLLM server ready at %s serving %r", url, settings.served_model_name)
+    return Endpoint(
+        url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_secret,
+        adapters=list((adapters or {}).keys()), pid=pid, log_path=log_path,
+    )
+
+
+@task(name="stop-local-vllm", cache_policy=NO_CACHE)
+def stop_local_server(pid: int | None) -> bool:
+    stopped = stop_server(pid)
+    get_run_logger().info("local vLLM server pid %s %s", pid, "stopped" if stopped else "was not running")
+    return stopped

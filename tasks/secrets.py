@@ -1,0 +1,46 @@
+"""Secrets Manager: the stack's API key (and HF token) live here, referenced by ARN everywhere else."""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+
+from botocore.exceptions import ClientError
+from pydantic import SecretStr
+
+from tasks.aws import aws_client
+from tasks.naming import secret_name, tag_list
+
+
+def ensure_secret(stack: str, what: str, value: SecretStr | None, credentials=None) -> str:
+    """Get-or-create the secret `vllm-pipeline/<stack>/<what>`; a None value gets a random key.
+    An existing secret keeps its value unless a new one is given. Returns the ARN."""
+    sm = aws_client("secretsmanager", credentials)
+    name = secret_name(stack, what)
+    try:
+        arn = sm.describe_secret(SecretId=name)["ARN"]
+        if value is not None:
+            sm.put_secret_value(SecretId=arn, SecretString=value.get_secret_value())
+        return arn
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+    secret = value.get_secret_value() if value is not None else "sk-" + pysecrets.token_urlsafe(24)
+    return sm.create_secret(
+        Name=name, SecretString=secret, Tags=tag_list(stack), Description=f"vllm-pipeline stack {stack}: {what}"
+    )["ARN"]
+
+
+def read_secret(secret_id: str, credentials=None) -> SecretStr:
+    return SecretStr(aws_client("secretsmanager", credentials).get_secret_value(SecretId=secret_id)["SecretString"])
+
+
+def delete_secret(secret_id: str, credentials=None) -> bool:
+    """Delete now (no recovery window: a torn-down stack leaves nothing). Gone already counts as done."""
+    sm = aws_client("secretsmanager", credentials)
+    try:
+        sm.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+            return False
+        raise

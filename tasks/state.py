@@ -1,0 +1,107 @@
+"""The stack state record: s3://<bucket>/stacks/<stack>/state.json.
+
+Written with S3 conditional writes (If-None-Match on create, If-Match on update), so two
+runs cannot silently interleave: the loser gets a clear error and re-reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from blocks.model_store import ModelStore
+from tasks.errors import PipelineInputError
+from tasks.s3 import s3_client, utc_now
+
+
+class StateConflict(RuntimeError):
+    """Someone else wrote the state record between our read and our write."""
+
+
+class Resource(BaseModel):
+    kind: str  # e.g. "secret", "process", "ecs-service"
+    id: str  # ARN, name or pid
+    region: str | None = None
+
+
+class Endpoint(BaseModel):
+    url: str
+    served_model_name: str
+    api_key_secret: str  # Secrets Manager ARN/name holding the API key (never the key itself)
+    adapters: list[str] = Field(default_factory=list)
+    pid: int | None = None  # local target only
+    log_path: str | None = None  # local target only
+
+
+class ModelRef(BaseModel):
+    repo_id: str
+    sha: str
+    s3_uri: str
+
+
+class StackState(BaseModel):
+    stack: str
+    target: Literal["local", "ecs"]
+    status: Literal["deploying", "running", "failed", "tearing-down", "deleted"] = "deploying"
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
+    model: ModelRef | None = None
+    endpoint: Endpoint | None = None
+    resources: list[Resource] = Field(default_factory=list)
+    settings: dict = Field(default_factory=dict)  # non-secret server settings, for the record
+    history: list[str] = Field(default_factory=list)
+
+    def add_resource(self, kind: str, id: str, region: str | None = None) -> None:
+        if not any(r.kind == kind and r.id == id for r in self.resources):
+            self.resources.append(Resource(kind=kind, id=id, region=region))
+
+    def note(self, event: str) -> None:
+        self.history.append(f"{utc_now()} {event}")
+
+
+def state_key(stack: str) -> str:
+    return f"stacks/{stack}/state.json"
+
+
+def load_state(store: ModelStore, stack: str) -> tuple[StackState | None, str | None]:
+    s3 = s3_client(store)
+    try:
+        obj = s3.get_object(Bucket=store.bucket_name, Key=state_key(stack))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None, None
+        raise
+    return StackState.model_validate(json.loads(obj["Body"].read())), obj["ETag"]
+
+
+def save_state(store: ModelStore, state: StackState, etag: str | None) -> str:
+    """Write the record only if it is still the version we read (etag None: only if absent)."""
+    state.updated_at = utc_now()
+    s3 = s3_client(store)
+    cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        resp = s3.put_object(
+            Bucket=store.bucket_name, Key=state_key(state.stack), Body=state.model_dump_json(indent=2).encode(),
+            ContentType="application/json", **cond,
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise StateConflict(
+                f"stack {state.stack!r}: its state record changed under this run (another deploy or teardown is running?)"
+            ) from None
+        raise
+    return resp["ETag"]
+
+
+def delete_state(store: ModelStore, stack: str) -> None:
+    s3_client(store).delete_object(Bucket=store.bucket_name, Key=state_key(stack))
+
+
+def require_state(store: ModelStore, stack: str) -> StackState:
+    state, _ = load_state(store, stack)
+    if state is None or state.endpoint is None:
+        raise PipelineInputError(f"stack {stack!r} is not deployed (no endpoint in s3://{store.bucket_name}/{state_key(stack)})")
+    return state
