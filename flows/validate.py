@@ -1,0 +1,137 @@
+"""validate: readiness, warm-up, smoke, streaming, the tool-calling suite and latency against an endpoint.
+
+Fails the run (not just logs) when a required check fails, naming what failed.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from blocks.loading import load_config
+from blocks.model_store import ModelStore
+from tasks.endpoint import Endpoint, EndpointError
+from tasks.errors import PipelineInputError
+from tasks.naming import check_stack_name
+from tasks.secrets import read_secret
+from tasks.state import require_state
+from tasks.validation.checks import (
+    CheckResult, LatencyThresholds, Samples, check_readiness, latency_summary, smoke, streaming, tool_suite, warm_up,
+)
+from tasks.validation.suite import CATEGORIES, CaseResult, load_gate, load_suite, matrix
+
+
+class ValidationFailed(RuntimeError):
+    """A required check failed; the message names every failed check and case."""
+
+
+class ValidationReport(BaseModel):
+    endpoint: str
+    served_model_name: str
+    passed: bool
+    checks: list[CheckResult]
+    cases: list[CaseResult]
+    matrix: dict[str, str]  # "category/mode" -> "passed/total"
+
+
+def validate_endpoint(
+    url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
+    gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
+    warmup_requests: int = 8, artifact_key: str = "validate",
+) -> ValidationReport:
+    logger = get_run_logger()
+    suite = load_suite(extra_cases)  # bad user cases fail here, before any request
+    gate_profile = load_gate(served_model_name, gate)
+    if level:
+        gate_profile = gate_profile.model_copy(update={"level": level})
+    checks: list[CheckResult] = []
+    samples = Samples()
+    with Endpoint(url, api_key, served_model_name) as ep:
+        try:
+            checks.append(check_readiness(ep, max_model_len))
+            if not checks[0].passed:
+                raise ValidationFailed(f"endpoint {url} is not ready: {'; '.join(checks[0].problems)}")
+            warm, s = warm_up(ep, warmup_requests)
+            checks.append(warm)
+            samples.extend(s)
+            checks.append(smoke(ep))
+            stream_check, s = streaming(ep)
+            checks.append(stream_check)
+            samples.extend(s)
+            tools_check, cases, s = tool_suite(ep, suite, gate_profile)
+            checks.append(tools_check)
+            samples.extend(s)
+            checks.append(latency_summary(samples, thresholds))
+        except EndpointError as exc:
+            raise ValidationFailed(f"endpoint {url} stopped answering during validation: {exc}") from None
+    cells = {f"{c}/{m}": f"{p}/{t}" for (c, m), (p, t) in sorted(matrix(cases).items())}
+    report = ValidationReport(endpoint=url, served_model_name=served_model_name, passed=all(c.passed for c in checks),
+                              checks=checks, cases=cases, matrix=cells)
+    _artifacts(report, gate_profile, artifact_key)
+    if not report.passed:
+        failed = [f"{c.name} ({'; '.join(c.problems)})" for c in checks if not c.passed]
+        raise ValidationFailed("validation failed: " + " | ".join(failed))
+    logger.info("validation passed: %d checks, %d/%d tool cases", len(checks), sum(c.passed for c in cases), len(cases))
+    return report
+
+
+def _artifacts(report: ValidationReport, gate, key: str) -> None:
+    create_table_artifact(
+        [{"case": c.case, "category": c.category, "tool_choice": c.mode, "result": "pass" if c.passed else "FAIL",
+          "gated": "yes" if gate.requires(c.category, c.mode) else "no", "latency_s": round(c.seconds, 2), "reason": c.reason}
+         for c in report.cases],
+        key=f"{key}-cases", description=f"Tool-calling cases ({gate.level})",
+    )
+    modes = ["auto", "required", "named", "none"]
+    lines = [f"# Validation of `{report.served_model_name}` at {report.endpoint}: {'PASSED' if report.passed else 'FAILED'}", "",
+             "| check | result | seconds | details |", "|---|---|---:|---|"]
+    for c in report.checks:
+        detail = "; ".join(c.problems) if c.problems else ", ".join(f"{k}={v}" for k, v in c.details.items() if k != "models")
+        lines.append(f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.seconds:.1f} | {detail[:300]} |")
+    lines += ["", f"## Tool calling ({gate.level}): pass rate by category × tool_choice (* = gated)", "",
+              "| category | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for cat in CATEGORIES:
+        row = []
+        for m in modes:
+            cell = report.matrix.get(f"{cat}/{m}")
+            row.append("–" if cell is None else cell + ("*" if gate.requires(cat, m) else ""))
+        lines.append(f"| {cat} | " + " | ".join(row) + " |")
+    failed = [c for c in report.cases if not c.passed]
+    if failed:
+        lines += ["", "## Failed cases", ""] + [f"- `{c.case}` ({c.category} × {c.mode}): {c.reason}" for c in failed]
+    create_markdown_artifact("\n".join(lines), key=key, description="Validation summary")
+
+
+@flow(name="validate", log_prints=True)
+def validate(
+    stack: str | None = None,
+    endpoint_url: str | None = None,
+    api_key_secret: str | None = None,
+    served_model_name: str | None = None,
+    level: str | None = None,
+    gate: str | None = None,
+    extra_cases: dict | None = None,
+    thresholds: LatencyThresholds = LatencyThresholds(),
+    warmup_requests: int = 8,
+    model_store_block: str | None = None,
+) -> ValidationReport:
+    """Validate stack `stack` (its endpoint from the state record) or an explicit endpoint
+    (`endpoint_url`, `served_model_name`, and `api_key_secret`: a Secrets Manager id, never the key)."""
+    if level not in (None, "semantic", "structural"):
+        raise PipelineInputError(f"level must be 'semantic' or 'structural', got {level!r}")
+    max_len = None
+    if stack:
+        check_stack_name(stack)
+        state = require_state(load_config(ModelStore, model_store_block), stack)
+        endpoint_url, api_key_secret = state.endpoint.url, state.endpoint.api_key_secret
+        served_model_name = served_model_name or state.endpoint.served_model_name
+        max_len = state.settings.get("max_model_len")
+    elif not (endpoint_url and api_key_secret and served_model_name):
+        raise PipelineInputError("give a stack, or endpoint_url + api_key_secret + served_model_name")
+    key = f"validate-{stack or 'endpoint'}"
+    return validate_endpoint(
+        endpoint_url, read_secret(api_key_secret).get_secret_value(), served_model_name, max_model_len=max_len,
+        level=level, gate=gate, extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests,
+        artifact_key=key,
+    )
