@@ -1,0 +1,766 @@
+"""Capacity planning: which GPU instance runs these vLLM settings, at what cost, before anything is created.
+
+The most common first failure with vLLM is CUDA out-of-memory (or "max seq len is larger than the KV
+cache") at start-up, found only after paying for the instance, the image pull and the model load. The
+planner answers from the staged model's `config.json` and manifest and the server settings alone.
+
+How vLLM spends a GPU (V1 engine, `vllm/v1/worker/gpu_worker.py::determine_available_memory`): it may
+use `gpu_memory_utilization` × the memory CUDA reports; from that it takes the weights, the peak
+activation of a profiling forward pass of `max_num_batched_tokens` tokens, non-torch memory and the
+CUDA graphs; the rest becomes the paged KV cache. The start-up check is that one `max_model_len`
+sequence fits in that cache. The planner redoes that arithmetic per GPU for every catalogue instance
+and tensor-parallel size:
+
+    budget    = cuda_visible_gib × gpu_memory_utilization                (per GPU)
+    kv_budget = budget − weights/TP − activation − cuda_graphs − runtime − lora/TP
+    fits      ⇔ floor(kv_budget / kv_bytes_per_sequence) ≥ concurrency   (default 1 full-length sequence)
+
+Estimates, and where their numbers come from (each is a constant below, with its reason):
+- weights: the actual file sizes of the top-level `*.safetensors` in the manifest, scaled when the
+  served dtype or an in-flight quantization differs from the checkpoint (see `served_weight_bytes`);
+- KV cache: exact, per layer: 2 (K and V) × KV heads on the GPU × head_dim × KV dtype bytes per token,
+  in blocks of 16 tokens; sliding-window layers hold at most `window − 1 + max_num_batched_tokens`
+  tokens plus one block (vLLM's `SlidingWindowSpec.max_memory_usage_bytes`);
+- activation, CUDA graphs, CUDA context/workspaces, LoRA buffers: documented estimates, in the 1-2 GB
+  range the reference notes give for "CUDA kernels + overhead"
+  (/work/shared/reference/production-deployment-notes.txt, "GPU Memory Management"). They are
+  deliberately a little conservative: a plan that says "fits" should start (e.g. the CUDA context is
+  counted inside the budget, where vLLM's profiler partly leaves it in the 1 − utilization headroom).
+
+The same notes' "Memory Estimation" formula (`4 * num_layers * hidden_dim * kv_heads * ...`) is not
+used: it multiplies hidden size by KV heads and so overstates the KV cache by a factor of ~hidden_size/
+head_dim. Their "Memory by Model Size" table assumes full multi-head attention (KV heads = heads); the
+unit tests reproduce it for a Llama-2-7B-shaped config and show the GQA saving for the others.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from blocks.catalogue import GpuInstance, gpu_instances
+from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.model_store import ModelStore
+from blocks.vllm_server import VllmServerSettings
+from tasks.errors import PipelineInputError, retry_if_transient
+from tasks.s3 import MANIFEST, Manifest, read_json, read_manifest, s3_client
+from tasks.state import ModelRef
+
+GiB = 1 << 30
+BLOCK_TOKENS = 16  # vLLM's default KV block size (--block-size); every sequence holds whole blocks
+TP_SIZES = (1, 2, 4, 8)
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_SETTING_DTYPE = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32", "float32": "float32"}
+
+# Memory CUDA reports per GPU (PyTorch's "total capacity", GiB), by (GPU, catalogue gpu_memory_gib). The
+# catalogue holds the marketed size; vLLM's gpu_memory_utilization is a fraction of what CUDA reports, which
+# is less (ECC and driver reservations): e.g. an A10G "24 GB" shows 22.20 GiB, a T4 "16 GB" 14.75 GiB, in
+# PyTorch OOM messages. Unknown GPUs fall back to 92 % of the catalogue figure (the A10G/T4 ratio).
+CUDA_VISIBLE_GIB: dict[tuple[str, int], float] = {
+    ("T4", 16): 14.75,
+    ("A10G", 24): 22.20,
+    ("L4", 24): 22.16,
+    ("L40S", 48): 44.40,
+    ("A100", 40): 39.39,
+    ("A100", 80): 79.14,
+    ("H100", 80): 79.10,
+}
+_UNKNOWN_GPU_VISIBLE = 0.92
+# Compute capability < 8.0: no bfloat16. vLLM's dtype "auto" then picks float16 (vllm/config/model.py
+# `_resolve_auto_dtype`); an explicit --dtype bfloat16 fails at start-up.
+NO_BF16_GPUS = frozenset({"T4"})
+# vLLM refuses float16 for these model types (numerical instability); on a GPU without bf16, auto picks float32.
+FP16_UNSUPPORTED_MODELS = frozenset({"gemma2", "gemma3", "gemma3_text", "glm4", "plamo2"})
+
+# Per-GPU overhead estimates (GiB).
+# CUDA context (~0.3-0.5 GiB), cuBLAS workspaces, the rotary cache and allocator fragmentation: the low end
+# of the reference notes' "CUDA Kernels + Overhead 1-2 GB".
+RUNTIME_GIB = 1.0
+# NCCL communicators and vLLM's custom all-reduce buffers, only with tensor parallelism.
+TP_COMM_GIB = 0.25
+# CUDA graphs: vLLM captures one graph per batch size up to min(max_num_seqs, 512) unless enforce_eager;
+# the memory grows with the number of sizes (vLLM docs, "Conserving memory": reduce max_num_seqs or use
+# enforce_eager). A 7-8B model logs ~0.5 GiB at the default 256 sequences (discuss.vllm.ai, "took 0.53 GiB").
+CUDA_GRAPH_BASE_GIB = 0.25
+CUDA_GRAPH_PER_128_SEQS_GIB = 0.25
+CUDA_GRAPH_MAX_GIB = 1.0
+# Activation peak of the profiling run: per token, the MLP's gate+up output and the activated half
+# (3 × intermediate / TP) plus ~6 hidden-size buffers (residual, norms, attention in/out), in the model
+# dtype; plus fp32 logits and probabilities for max_num_seqs rows of the (gathered) vocabulary. For
+# Llama-3.1-8B at 8192 batched tokens and 256 sequences that is ~1.2 GiB, what vLLM logs as the torch
+# activation peak for that model.
+ACT_HIDDEN_BUFFERS = 6
+LOGITS_BUFFERS = 2
+# bitsandbytes 4-bit (NF4): 4 bits per weight + an fp32 absmax per 64-weight block.
+BNB4_BYTES_PER_PARAM = 0.5 + 4 / 64
+# vLLM's default max_num_batched_tokens for the OpenAI server (vllm/engine/arg_utils.py, get_batch_defaults):
+# 8192 on GPUs with >= 70 GiB that are not A100s, else 2048.
+BATCHED_TOKENS_BIG_GPU = 8192
+BATCHED_TOKENS_DEFAULT = 2048
+
+_IN_FLIGHT_QUANT = {"fp8", "bitsandbytes"}  # vLLM quantizes these from an unquantized checkpoint at load time
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+class ModelShape(BaseModel):
+    """What of config.json decides memory (text part of a multimodal config)."""
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_len: int | None = Field(description="Longest context the model allows (max_position_embeddings, rope scaling).")
+    checkpoint_dtype: str
+    checkpoint_quantization: str | None = None
+    layer_windows: list[int | None] = Field(description="Per layer: its sliding window, or None for full attention.")
+    mla_latent_dim: int | None = Field(default=None, description="MLA (DeepSeek): kv_lora_rank + qk_rope_head_dim.")
+
+    @property
+    def sliding_layers(self) -> int:
+        return sum(1 for w in self.layer_windows if w)
+
+
+class MemoryBreakdown(BaseModel):
+    """Bytes per GPU. budget = weights + activation + cuda_graphs + runtime + lora + kv_cache exactly."""
+
+    gpu_memory: int = Field(description="What CUDA reports for one GPU.")
+    budget: int = Field(description="gpu_memory × gpu_memory_utilization.")
+    weights: int
+    activation: int
+    cuda_graphs: int
+    runtime: int = Field(description="CUDA context, workspaces, NCCL buffers.")
+    lora: int
+    kv_cache: int = Field(description="What is left for the KV cache; negative when even the rest does not fit.")
+
+
+class Candidate(BaseModel):
+    instance_type: str
+    gpu: str
+    gpus: int
+    gpu_memory_gib: int = Field(description="Catalogue (marketed) memory per GPU.")
+    tensor_parallel_size: int
+    price_per_hour: float
+    price_source: Literal["catalogue", "override"]
+    dtype: str = Field(description="The dtype vLLM would run with on this GPU.")
+    kv_cache_dtype: str
+    max_num_batched_tokens: int
+    memory: MemoryBreakdown
+    kv_bytes_per_token: int = Field(description="Per GPU, all layers (full-attention equivalent).")
+    sequence_bytes: int = Field(description="KV bytes one max_model_len sequence takes on each GPU.")
+    sequences_fit: int = Field(description="Full-length (max_model_len) sequences the KV cache holds at once.")
+    kv_cache_tokens: int = Field(description="KV cache size in tokens, as vLLM logs it ('GPU KV cache size').")
+    max_len_at_concurrency: int = Field(description="Longest context that still fits `concurrency` sequences (0: none).")
+    fits: bool
+    reason: str | None = None
+
+    @property
+    def hardware(self) -> tuple[str, int, int]:
+        """GPU type × count × memory: instances that share it fit alike (they differ in CPUs, RAM, price)."""
+        return (self.gpu, self.gpus, self.gpu_memory_gib)
+
+
+class PlanSettings(BaseModel):
+    dtype: str
+    quantization: str | None
+    kv_cache_dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    gpu_memory_utilization: float
+    concurrency: int
+    enforce_eager: bool
+    enable_chunked_prefill: bool
+    max_num_batched_tokens: int | None = Field(description="From extra_args; None: vLLM's default per GPU.")
+    sliding_window_disabled: bool
+    lora_rank: int | None = None
+    lora_count: int | None = None
+    requested_tensor_parallel_size: int
+
+
+class CapacityPlan(BaseModel):
+    model: str
+    shape: ModelShape
+    settings: PlanSettings
+    weight_bytes: int = Field(description="Checkpoint weights on disk (sum of the safetensors files).")
+    served_weight_bytes: int = Field(description="Weights in GPU memory on a bf16-capable GPU, all GPUs together.")
+    kv_bytes_per_token: int = Field(description="Whole model, all layers, on a bf16-capable GPU.")
+    candidates: list[Candidate] = Field(default_factory=list, description="Every instance × TP evaluated, by cost.")
+    chosen: Candidate | None = None
+    alternatives: list[Candidate] = Field(
+        default_factory=list,
+        description="Other fitting hardware: per GPU type × count, its cheapest instance at the smallest TP that fits; by cost.",
+    )
+    configured: Candidate | None = Field(default=None, description="The capacity block's instance_type, evaluated.")
+    refusal: str | None = Field(default=None, description="Why nothing fits and what to change (one line).")
+    notes: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def _text_config(config: dict) -> dict:
+    """The language model's part of a config: multimodal configs nest it (text_config, llm_config)."""
+    for key in ("text_config", "llm_config", "language_config"):
+        sub = config.get(key)
+        if isinstance(sub, dict) and sub.get("num_hidden_layers"):
+            inherited = {k: config[k] for k in ("torch_dtype", "dtype", "quantization_config") if k in config}
+            return {**inherited, **{k: v for k, v in sub.items() if v is not None}}
+    return config
+
+
+def _max_len(cfg: dict) -> int | None:
+    """vLLM's derived max model length (vllm/config/model.py `_get_and_verify_max_len`, simplified)."""
+    base = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length") if cfg.get(k)), None)
+    if base is None:
+        return None
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
+    if kind in ("yarn", "dynamic", "linear") and rope.get("factor"):
+        base = rope.get("original_max_position_embeddings", base) if kind == "yarn" else base
+        return int(base * float(rope["factor"]))
+    return int(base)
+
+
+def _layer_windows(cfg: dict, layers: int) -> list[int | None]:
+    """Sliding window per layer. Mistral-7B-v0.1: `sliding_window` on every layer. Qwen2/3: only when
+    `use_sliding_window`, and then only layers >= `max_window_layers`. Gemma-2/3, gpt-oss and newer
+    configs: `layer_types` ('sliding_attention' / 'full_attention'); older Gemma-3 `sliding_window_pattern`
+    N (every N-th layer full); Gemma-2 without layer_types alternates, sliding first."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return [None] * layers
+    window = int(window)
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    if cfg.get("max_window_layers") is not None:
+        return [window if i >= int(cfg["max_window_layers"]) else None for i in range(layers)]
+    if cfg.get("sliding_window_pattern"):
+        n = int(cfg["sliding_window_pattern"])
+        return [window if (i + 1) % n else None for i in range(layers)]
+    if cfg.get("model_type") == "gemma2":
+        return [window if (i + 1) % 2 else None for i in range(layers)]
+    return [window] * layers
+
+
+def model_shape(config: dict) -> ModelShape:
+    """Read what decides memory from a Hugging Face config.json. Missing `num_key_value_heads` means
+    multi-head attention (KV heads = heads); missing `head_dim` means hidden_size // heads."""
+    cfg = _text_config(config)
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads") if not cfg.get(k)]
+    if missing:
+        raise PipelineInputError(f"config.json lacks {', '.join(missing)}: not a decoder model the planner knows")
+    layers, hidden, heads = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    intermediate = int(cfg.get("intermediate_size") or 4 * hidden)
+    if cfg.get("moe_intermediate_size") and cfg.get("num_experts_per_tok"):
+        intermediate = int(cfg["moe_intermediate_size"]) * int(cfg["num_experts_per_tok"])  # active experts' MLP per token
+    quant = cfg.get("quantization_config") or cfg.get("compression_config")
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        dtype = "bfloat16"  # e.g. fp8 checkpoints that name their storage type; quantized sizes come from the files
+    mla = None
+    if cfg.get("kv_lora_rank"):
+        mla = int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)
+    return ModelShape(
+        model_type=str(cfg.get("model_type") or config.get("model_type") or "unknown"),
+        architecture=str((config.get("architectures") or cfg.get("architectures") or ["unknown"])[0]),
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=intermediate, vocab_size=int(cfg.get("vocab_size") or 32000),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        max_len=_max_len(cfg), checkpoint_dtype=dtype,
+        checkpoint_quantization=(quant.get("quant_method") or "quantized") if isinstance(quant, dict) else None,
+        layer_windows=_layer_windows(cfg, layers), mla_latent_dim=mla,
+    )
+
+
+def weight_bytes_from_manifest(manifest: Manifest) -> int:
+    """Sum of the top-level `*.safetensors` sizes vLLM loads. Mistral repos ship the same weights twice
+    (`consolidated.safetensors` and HF shards): vLLM loads the shards, so `consolidated*` is dropped when
+    shards exist. Subfolders (`original/`, other components) are not the served model."""
+    top = [f for f in manifest.files if "/" not in f.path]
+    tensors = [f for f in top if f.path.endswith(".safetensors")]
+    shards = [f for f in tensors if not f.path.startswith("consolidated")]
+    chosen = shards or tensors or [f for f in top if f.path.endswith((".bin", ".pt", ".pth"))]
+    if not chosen:
+        raise PipelineInputError(f"the manifest of {manifest.repo_id} lists no *.safetensors (or *.bin) weights")
+    return sum(f.size for f in chosen)
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of `--name v` / `--name=v` in extra_args (vLLM treats _ and - alike); '' for a bare flag."""
+    found = None
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key.startswith("--"):
+            key = "--" + key[2:].replace("_", "-")
+        if key == name:
+            if eq:
+                found = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+                found = args[i + 1]
+            else:
+                found = ""
+    return found
+
+
+def plan_settings(settings: VllmServerSettings, concurrency: int | None) -> PlanSettings:
+    """The settings that decide memory. `concurrency` (full-length sequences that must fit at once)
+    defaults to 1: what vLLM itself requires to start. It cannot exceed max_num_seqs, vLLM's cap on
+    running sequences. fp8 KV cache, max_num_batched_tokens and disabling the sliding window are read
+    from extra_args (`--kv-cache-dtype fp8`, `--max-num-batched-tokens N`, `--disable-sliding-window`)."""
+    concurrency = 1 if concurrency is None else concurrency
+    if concurrency < 1:
+        raise PipelineInputError(f"concurrency must be >= 1, got {concurrency}")
+    if concurrency > settings.max_num_seqs:
+        raise PipelineInputError(
+            f"concurrency {concurrency} exceeds VllmServerSettings.max_num_seqs ({settings.max_num_seqs}), vLLM's cap on "
+            f"running sequences: raise max_num_seqs or lower concurrency"
+        )
+    kv = _flag(settings.extra_args, "--kv-cache-dtype") or "auto"
+    batched = _flag(settings.extra_args, "--max-num-batched-tokens")
+    try:
+        batched_tokens = int(batched) if batched else None
+    except ValueError:
+        raise PipelineInputError(f"VllmServerSettings.extra_args: --max-num-batched-tokens {batched!r} is not a number") from None
+    return PlanSettings(
+        dtype=settings.dtype, quantization=settings.quantization, kv_cache_dtype=kv,
+        max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization, concurrency=concurrency,
+        enforce_eager=settings.enforce_eager, enable_chunked_prefill=settings.enable_chunked_prefill,
+        max_num_batched_tokens=batched_tokens,
+        sliding_window_disabled=_flag(settings.extra_args, "--disable-sliding-window") is not None,
+        lora_rank=settings.max_lora_rank if settings.enable_lora else None,
+        lora_count=settings.max_loras if settings.enable_lora else None,
+        requested_tensor_parallel_size=settings.tensor_parallel_size,
+    )
+
+
+def resolve_dtype(shape: ModelShape, requested: str, gpu: str) -> tuple[str, str | None]:
+    """(dtype vLLM runs with on this GPU, or an error). 'auto' follows vLLM: the checkpoint's dtype if
+    the GPU supports it (float32 checkpoints are served in the GPU's preferred 16-bit type), else the
+    first the GPU supports: float16 on a T4, float32 for models that refuse float16."""
+    supported = [d for d in ("bfloat16", "float16", "float32") if not (d == "bfloat16" and gpu in NO_BF16_GPUS)]
+    supported = [d for d in supported if not (d == "float16" and shape.model_type in FP16_UNSUPPORTED_MODELS)]
+    if requested == "auto":
+        wanted = supported[0] if shape.checkpoint_dtype == "float32" else shape.checkpoint_dtype
+        return (wanted if wanted in supported else supported[0]), None
+    dtype = _SETTING_DTYPE[requested]
+    if dtype == "float16" and shape.model_type in FP16_UNSUPPORTED_MODELS:
+        return dtype, f"vLLM refuses float16 for {shape.model_type} models (numerical instability): use 'bfloat16' or 'auto'"
+    if dtype == "bfloat16" and gpu in NO_BF16_GPUS:
+        return dtype, f"{gpu} has no bfloat16 (compute capability 7.5): set dtype='half' or 'auto'"
+    return dtype, None
+
+
+def served_weight_bytes(shape: ModelShape, weight_bytes: int, dtype: str, quantization: str | None) -> int:
+    """Weight bytes in GPU memory (all GPUs together).
+
+    - A quantized checkpoint (config has `quantization_config`) is served as stored: the file sizes.
+    - Otherwise the parameter count is file bytes / checkpoint dtype bytes, served at the run dtype
+      (a float32 checkpoint served in bf16 takes half its file size).
+    - In-flight quantization of an unquantized checkpoint: `fp8` stores linear layers in 1 byte,
+      `bitsandbytes` in 4 bits + block scales; the embedding and (untied) LM head stay in the run dtype.
+    - Other methods (awq, gptq, ...) need a checkpoint quantized that way: an input error."""
+    if shape.checkpoint_quantization:
+        return weight_bytes
+    params = weight_bytes / DTYPE_BYTES[shape.checkpoint_dtype]
+    run = DTYPE_BYTES[dtype]
+    if quantization is None:
+        return int(params * run)
+    if quantization not in _IN_FLIGHT_QUANT:
+        raise PipelineInputError(
+            f"quantization={quantization!r} needs a checkpoint quantized with {quantization} (config.json has no "
+            f"quantization_config): stage such a repo, or use quantization='fp8' or 'bitsandbytes' on this one"
+        )
+    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    linear = max(params - embed, 0)
+    per_param = 1.0 if quantization == "fp8" else BNB4_BYTES_PER_PARAM
+    return int(linear * per_param + min(embed, params) * run)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def tp_allowed(shape: ModelShape, tp: int) -> bool:
+    """vLLM shards attention heads evenly: heads % TP == 0; KV heads are split (kv % TP == 0) or, when
+    TP exceeds them, replicated (TP % kv == 0). MLA's latent cache is replicated on every GPU."""
+    if shape.num_attention_heads % tp:
+        return False
+    if shape.mla_latent_dim:
+        return True
+    return shape.num_kv_heads % tp == 0 or tp % shape.num_kv_heads == 0
+
+
+def kv_bytes_per_token_layer(shape: ModelShape, kv_bytes: int, tp: int = 1) -> int:
+    """One token of one layer on one GPU: K and V × the KV heads that GPU holds × head_dim × dtype bytes.
+    GQA/MQA: the config's num_key_value_heads; with TP > KV heads each GPU holds one (replicated)."""
+    if shape.mla_latent_dim:
+        return shape.mla_latent_dim * kv_bytes  # one compressed latent per token, no separate K and V
+    heads_on_gpu = max(shape.num_kv_heads // tp, 1)
+    return 2 * heads_on_gpu * shape.head_dim * kv_bytes
+
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // BLOCK_TOKENS)
+
+
+def sequence_kv_bytes(shape: ModelShape, length: int, per_layer_token: int, batched_tokens: int, windows: bool = True) -> int:
+    """KV bytes one sequence of `length` tokens holds on one GPU. Full-attention layers keep every token
+    (whole blocks); sliding-window layers at most window − 1 + max_num_batched_tokens tokens plus one block
+    (vLLM SlidingWindowSpec.max_memory_usage_bytes)."""
+    total = 0
+    for window in shape.layer_windows:
+        if window and windows:
+            blocks = _blocks(min(window - 1 + batched_tokens, length)) + 1
+        else:
+            blocks = _blocks(length)
+        total += blocks * BLOCK_TOKENS * per_layer_token
+    return total
+
+
+def activation_bytes(shape: ModelShape, batched_tokens: int, max_num_seqs: int, dtype_bytes: int, tp: int) -> int:
+    hidden_part = batched_tokens * (3 * shape.intermediate_size / tp + ACT_HIDDEN_BUFFERS * shape.hidden_size) * dtype_bytes
+    logits = min(max_num_seqs, batched_tokens) * shape.vocab_size * 4 * LOGITS_BUFFERS
+    return int(hidden_part + logits)
+
+
+def cuda_graph_bytes(max_num_seqs: int, enforce_eager: bool) -> int:
+    if enforce_eager:
+        return 0
+    gib = CUDA_GRAPH_BASE_GIB + CUDA_GRAPH_PER_128_SEQS_GIB * min(max_num_seqs, 512) / 128
+    return int(min(gib, CUDA_GRAPH_MAX_GIB) * GiB)
+
+
+def lora_bytes(shape: ModelShape, rank: int, count: int, dtype_bytes: int, tp: int) -> int:
+    """vLLM preallocates A (rank × in) and B (out × rank) for `max_loras` slots at `max_lora_rank` on every
+    linear layer: q, k, v, o, gate, up, down → Σ(in + out) = 7·hidden + 2·heads·head_dim + 2·kv·head_dim
+    + 3·intermediate per layer; sharded across TP (approximately)."""
+    per_layer = (7 * shape.hidden_size + 2 * shape.num_attention_heads * shape.head_dim
+                 + 2 * shape.num_kv_heads * shape.head_dim + 3 * shape.intermediate_size)
+    return int(count * rank * shape.num_layers * per_layer * dtype_bytes / tp)
+
+
+def cuda_visible_gib(inst: GpuInstance) -> float:
+    return CUDA_VISIBLE_GIB.get((inst.gpu, inst.gpu_memory_gib), inst.gpu_memory_gib * _UNKNOWN_GPU_VISIBLE)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def evaluate(
+    shape: ModelShape, weight_bytes: int, s: PlanSettings, inst: GpuInstance, tp: int, price: float,
+    price_source: Literal["catalogue", "override"] = "catalogue",
+) -> Candidate:
+    """One instance type at one tensor-parallel size: the per-GPU memory breakdown and what fits."""
+    dtype, dtype_error = resolve_dtype(shape, s.dtype, inst.gpu)
+    run_bytes = DTYPE_BYTES[dtype]
+    kv_fp8 = s.kv_cache_dtype.startswith("fp8")
+    kv_bytes = 1 if kv_fp8 else run_bytes
+    visible = cuda_visible_gib(inst)
+    batched = s.max_num_batched_tokens or (
+        BATCHED_TOKENS_BIG_GPU if visible >= 70 and inst.gpu != "A100" else BATCHED_TOKENS_DEFAULT
+    )
+    if not s.enable_chunked_prefill:
+        batched = max(batched, s.max_model_len)  # without chunking a whole prompt is one batch
+    gpu_memory = int(visible * GiB)
+    budget = int(gpu_memory * s.gpu_memory_utilization)
+    weights = -(-served_weight_bytes(shape, weight_bytes, dtype, s.quantization) // tp)
+    activation = activation_bytes(shape, batched, s.max_num_seqs, run_bytes, tp)
+    graphs = cuda_graph_bytes(s.max_num_seqs, s.enforce_eager)
+    runtime = int((RUNTIME_GIB + (TP_COMM_GIB if tp > 1 else 0)) * GiB)
+    lora = lora_bytes(shape, s.lora_rank, s.lora_count, run_bytes, tp) if s.lora_rank else 0
+    kv_budget = budget - weights - activation - graphs - runtime - lora
+    per_layer = kv_bytes_per_token_layer(shape, kv_bytes, tp)
+    windows = not s.sliding_window_disabled
+
+    def seq_bytes(length: int) -> int:
+        return sequence_kv_bytes(shape, length, per_layer, batched, windows)
+
+    seq = seq_bytes(s.max_model_len)
+    fit = max(kv_budget, 0) // seq
+    max_len = 0
+    limit = shape.max_len or s.max_model_len
+    if kv_budget > 0 and s.concurrency * seq_bytes(BLOCK_TOKENS) <= kv_budget:
+        lo, hi = 1, max(limit // BLOCK_TOKENS, 1)  # in blocks; seq_bytes grows with length
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if s.concurrency * seq_bytes(mid * BLOCK_TOKENS) <= kv_budget else (lo, mid - 1)
+        max_len = min(lo * BLOCK_TOKENS, limit)
+    reason = None
+    if dtype_error:
+        reason = dtype_error
+    elif kv_budget <= 0:
+        reason = (f"weights {_gib(weights)} GiB + overhead {_gib(activation + graphs + runtime + lora)} GiB per GPU exceed "
+                  f"the {_gib(budget)} GiB budget ({visible:.2f} GiB × {s.gpu_memory_utilization})")
+    elif fit < s.concurrency:
+        reason = (f"KV room {_gib(kv_budget)} GiB per GPU holds {fit} of {s.concurrency} sequences of "
+                  f"{s.max_model_len:,} tokens ({_gib(seq)} GiB each)")
+    return Candidate(
+        instance_type=inst.name, gpu=inst.gpu, gpus=inst.gpus, gpu_memory_gib=inst.gpu_memory_gib, tensor_parallel_size=tp,
+        price_per_hour=price, price_source=price_source, dtype=dtype, kv_cache_dtype="fp8" if kv_fp8 else dtype,
+        max_num_batched_tokens=batched,
+        memory=MemoryBreakdown(gpu_memory=gpu_memory, budget=budget, weights=weights, activation=activation,
+                               cuda_graphs=graphs, runtime=runtime, lora=lora, kv_cache=kv_budget),
+        kv_bytes_per_token=per_layer * shape.num_layers, sequence_bytes=seq, sequences_fit=int(fit),
+        kv_cache_tokens=max(kv_budget, 0) // (per_layer * shape.num_layers), max_len_at_concurrency=max_len,
+        fits=reason is None, reason=reason,
+    )
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def _order(c: Candidate) -> tuple:
+    return (c.price_per_hour, c.tensor_parallel_size, c.instance_type)
+
+
+def by_hardware(candidates: list[Candidate]) -> list[Candidate]:
+    """One candidate per GPU type × count, by cost: its cheapest instance at the smallest TP that fits;
+    when none fits, the cheapest instance at the TP that leaves the most KV room (the nearest miss)."""
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in sorted(candidates, key=_order):
+        groups.setdefault(c.hardware, []).append(c)
+    picked = []
+    for group in groups.values():
+        fit = next((c for c in group if c.fits), None)
+        if fit is None:
+            cheapest = [c for c in group if c.instance_type == group[0].instance_type]
+            fit = max(cheapest, key=lambda c: c.memory.kv_cache)
+        picked.append(fit)
+    return sorted(picked, key=_order)
+
+
+def plan(
+    config: dict, weight_bytes: int, settings: VllmServerSettings, capacity: EcsGpuCapacity | None = None,
+    concurrency: int | None = None, *, instance_types: list[str] | None = None, model_name: str = "the model",
+) -> CapacityPlan:
+    """Evaluate every catalogue instance (or `instance_types`) at every tensor-parallel size it allows
+    (1, 2, 4, 8 up to its GPU count, heads divisible) and choose the cheapest that fits `concurrency`
+    full-length sequences; ties go to the smaller TP (no NCCL traffic when one GPU suffices). Prices come
+    from the catalogue unless `capacity.price_overrides` names the type. settings.tensor_parallel_size is
+    not a constraint: the plan says which TP to set. Nothing fitting is not an exception here: the plan
+    carries a one-line `refusal` naming what to change, and the flow raises it."""
+    shape = model_shape(config)
+    s = plan_settings(settings, concurrency)
+    if weight_bytes <= 0:
+        raise PipelineInputError(f"{model_name}: no weight bytes (empty manifest?)")
+    catalogue = gpu_instances()
+    names = list(instance_types) if instance_types else list(catalogue)
+    unknown = sorted(set(names) - set(catalogue))
+    if unknown:
+        raise PipelineInputError(f"instance_types: not in the catalogue (blocks/gpu_instances.yaml): {unknown}")
+    dtype16, dtype_error = resolve_dtype(shape, s.dtype, "H100")
+    if dtype_error:
+        raise PipelineInputError(f"VllmServerSettings.dtype: {dtype_error}")
+    kv16 = 1 if s.kv_cache_dtype.startswith("fp8") else DTYPE_BYTES[dtype16]
+    result = CapacityPlan(
+        model=model_name, shape=shape, settings=s, weight_bytes=weight_bytes,
+        served_weight_bytes=served_weight_bytes(shape, weight_bytes, dtype16, s.quantization),
+        kv_bytes_per_token=kv_bytes_per_token_layer(shape, kv16) * shape.num_layers,
+    )
+    if shape.sliding_layers and not s.sliding_window_disabled:
+        result.notes.append(f"{shape.sliding_layers} of {shape.num_layers} layers use a sliding window of "
+                            f"{max(w for w in shape.layer_windows if w):,} tokens: their KV per sequence is capped")
+    if shape.checkpoint_quantization:
+        result.notes.append(f"checkpoint is quantized ({shape.checkpoint_quantization}): weights as stored")
+    if shape.max_len is not None and s.max_model_len > shape.max_len:
+        result.refusal = (f"max_model_len {s.max_model_len:,} exceeds {model_name}'s limit of {shape.max_len:,} tokens "
+                          f"(max_position_embeddings): lower max_model_len to <= {shape.max_len:,}")
+        return result
+    blocked = [tp for tp in TP_SIZES if not tp_allowed(shape, tp)]
+    if blocked:
+        result.notes.append(f"tensor_parallel_size {', '.join(map(str, blocked))} impossible: {shape.num_attention_heads} "
+                            f"attention heads / {shape.num_kv_heads} KV heads do not split that way")
+    overrides = capacity.price_overrides if capacity else {}
+    for name in names:
+        inst = catalogue[name]
+        price, source = (overrides[name], "override") if name in overrides else (inst.price_per_hour, "catalogue")
+        for tp in TP_SIZES:
+            if tp <= inst.gpus and tp_allowed(shape, tp):
+                result.candidates.append(evaluate(shape, weight_bytes, s, inst, tp, price, source))
+    result.candidates.sort(key=_order)
+    fitting = [c for c in by_hardware(result.candidates) if c.fits]
+    if fitting:
+        result.chosen, result.alternatives = fitting[0], fitting[1:]
+    else:
+        result.refusal = _refusal(result, model_name)
+    if capacity is not None:
+        mine = [c for c in result.candidates if c.instance_type == capacity.instance_type]
+        result.configured = next((c for c in mine if c.fits), None) or next(
+            (c for c in mine if c.tensor_parallel_size == s.requested_tensor_parallel_size), mine[-1] if mine else None)
+    return result
+
+
+def _refusal(result: CapacityPlan, model_name: str) -> str:
+    s, cands = result.settings, result.candidates
+    head = (f"nothing in the catalogue fits {model_name} ({_gib(result.served_weight_bytes)} GiB weights, "
+            f"{result.kv_bytes_per_token / 1024:.0f} KiB KV per token) with max_model_len={s.max_model_len:,} "
+            f"and concurrency={s.concurrency}")
+    if not cands:
+        return head + ": no instance type allows a tensor-parallel size these attention heads split into"
+    usable = [c for c in cands if c.memory.kv_cache > 0 and "bfloat16" not in (c.reason or "")]
+    parts = []
+    if usable:
+        best = max(usable, key=lambda c: (c.max_len_at_concurrency, -c.price_per_hour))
+        if best.max_len_at_concurrency >= BLOCK_TOKENS:
+            parts.append(f"lower max_model_len to <= {best.max_len_at_concurrency:,} ({best.instance_type}, "
+                         f"TP {best.tensor_parallel_size}, ${best.price_per_hour:.3f}/h)")
+        roomiest = max(usable, key=lambda c: (c.sequences_fit, -c.price_per_hour))
+        if s.concurrency > 1 and roomiest.sequences_fit >= 1:
+            parts.append(f"lower concurrency to <= {roomiest.sequences_fit} ({roomiest.instance_type})")
+    else:
+        biggest = max(cands, key=lambda c: c.memory.kv_cache)
+        parts.append(f"the weights alone do not fit: even {biggest.instance_type} at TP {biggest.tensor_parallel_size} "
+                     f"is {_gib(-biggest.memory.kv_cache)} GiB per GPU short")
+    if not s.quantization and not result.shape.checkpoint_quantization:
+        parts.append("quantize (quantization='fp8' about halves the weights)")
+    if usable and not s.kv_cache_dtype.startswith("fp8"):
+        parts.append("use an fp8 KV cache (extra_args --kv-cache-dtype fp8 halves it)")
+    if s.gpu_memory_utilization < 0.9:
+        parts.append(f"raise gpu_memory_utilization (now {s.gpu_memory_utilization})")
+    parts.append("or use more GPUs than one instance holds (multi-node serving is not supported here)")
+    return head + ": " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _instance_line(c: Candidate) -> str:
+    return (f"`{c.instance_type}` ({c.gpus}× {c.gpu} {c.gpu_memory_gib} GB), tensor_parallel_size={c.tensor_parallel_size}, "
+            f"${c.price_per_hour:.3f}/h{' (override)' if c.price_source == 'override' else ''}")
+
+
+def render_markdown(p: CapacityPlan) -> str:
+    """The plan for a person: verdict, memory breakdown of the chosen (or closest) candidate, candidates by cost."""
+    s, sh = p.settings, p.shape
+    lines = [f"# Capacity plan: `{p.model}`", ""]
+    if p.chosen:
+        c = p.chosen
+        lines += [
+            f"**Choose {_instance_line(c)}.**",
+            "",
+            f"- holds {c.sequences_fit:,} sequences of {s.max_model_len:,} tokens at once (requested {s.concurrency}; "
+            f"vLLM runs at most max_num_seqs={s.max_num_seqs}); KV cache {c.kv_cache_tokens:,} tokens",
+            f"- at concurrency {s.concurrency} the context can reach {c.max_len_at_concurrency:,} tokens",
+        ]
+        if c.tensor_parallel_size != s.requested_tensor_parallel_size:
+            lines.append(f"- set `tensor_parallel_size={c.tensor_parallel_size}` "
+                         f"(the settings say {s.requested_tensor_parallel_size})")
+    else:
+        lines += ["**Nothing fits.**", "", f"> {p.refusal}"]
+    if p.configured:
+        cf = p.configured
+        verdict = "fits" if cf.fits else f"does not fit: {cf.reason}"
+        lines.append(f"- configured instance `{cf.instance_type}` (TP {cf.tensor_parallel_size}): {verdict}")
+    kv_per_elem = p.kv_bytes_per_token // max(sh.num_layers * sh.num_kv_heads * sh.head_dim * 2, 1)
+    kv_line = (f"- KV cache {p.kv_bytes_per_token:,} bytes per token = {sh.num_layers} layers × {sh.num_kv_heads} KV heads"
+               f" × {sh.head_dim} head_dim × 2 (K, V) × {kv_per_elem} bytes")
+    if sh.mla_latent_dim:
+        kv_line = f"- KV cache {p.kv_bytes_per_token:,} bytes per token (MLA latent {sh.mla_latent_dim})"
+    lines += [
+        "",
+        "## Model and settings",
+        "",
+        f"- {sh.architecture} ({sh.model_type}): {sh.num_layers} layers, hidden {sh.hidden_size}, "
+        f"{sh.num_attention_heads} heads, {sh.num_kv_heads} KV heads, head_dim {sh.head_dim}, "
+        f"max context {sh.max_len or 'unknown'}",
+        f"- weights on disk {_gib(p.weight_bytes)} GiB ({sh.checkpoint_dtype}"
+        f"{', ' + sh.checkpoint_quantization if sh.checkpoint_quantization else ''}); "
+        f"served {_gib(p.served_weight_bytes)} GiB{' with quantization=' + s.quantization if s.quantization else ''}",
+        kv_line,
+        f"- dtype {s.dtype}, KV cache dtype {s.kv_cache_dtype}, max_model_len {s.max_model_len:,}, "
+        f"max_num_seqs {s.max_num_seqs}, gpu_memory_utilization {s.gpu_memory_utilization}, "
+        f"concurrency {s.concurrency}, enforce_eager {s.enforce_eager}"
+        + (f", LoRA {s.lora_count} × rank {s.lora_rank}" if s.lora_rank else ""),
+    ]
+    lines += [f"- {n}" for n in p.notes]
+    shown = p.chosen or (max(p.candidates, key=lambda c: c.memory.kv_cache) if p.candidates else None)
+    if shown:
+        m = shown.memory
+        graphs = "none (enforce_eager)" if s.enforce_eager else f"up to {min(s.max_num_seqs, 512)} batch sizes"
+        lora = f"{s.lora_count} × rank {s.lora_rank}" if s.lora_rank else "LoRA off"
+        nccl = ", NCCL" if shown.tensor_parallel_size > 1 else ""
+        lines += [
+            "",
+            f"## Memory per GPU on `{shown.instance_type}` (TP {shown.tensor_parallel_size})",
+            "",
+            "| item | GiB | how |",
+            "|---|---:|---|",
+            f"| GPU memory (as CUDA reports it) | {_gib(m.gpu_memory)} | catalogue {shown.gpu_memory_gib} GB |",
+            f"| budget | {_gib(m.budget)} | × gpu_memory_utilization {s.gpu_memory_utilization} |",
+            f"| weights | {_gib(m.weights)} | served weights ÷ TP {shown.tensor_parallel_size} ({shown.dtype}) |",
+            f"| activation peak | {_gib(m.activation)} | profiling pass of {shown.max_num_batched_tokens:,} "
+            "batched tokens + logits |",
+            f"| CUDA graphs | {_gib(m.cuda_graphs)} | {graphs} |",
+            f"| CUDA context, workspaces{nccl} | {_gib(m.runtime)} | estimate |",
+            f"| LoRA buffers | {_gib(m.lora)} | {lora} |",
+            f"| **KV cache** | **{_gib(m.kv_cache)}** | the rest: {shown.kv_cache_tokens:,} tokens |",
+            f"| one {s.max_model_len:,}-token sequence | {_gib(shown.sequence_bytes)} | "
+            f"{shown.kv_bytes_per_token:,} B/token on this GPU |",
+        ]
+    lines += ["", "## Candidates by cost", "",
+              "Each GPU type × count at its cheapest instance (bigger CPU/RAM variants cost more and fit the same), "
+              "at the smallest tensor-parallel size that fits.",
+              "", "| # | instance | GPUs | TP | $/h | KV GiB/GPU | full-length seqs | max context at concurrency | fits |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for rank, c in enumerate(by_hardware(p.candidates), 1):
+        chosen = p.chosen is not None and (c.instance_type, c.tensor_parallel_size) == (
+            p.chosen.instance_type, p.chosen.tensor_parallel_size)
+        mark = "**chosen**" if chosen else ("yes" if c.fits else f"no: {c.reason}")
+        lines.append(f"| {rank} | `{c.instance_type}` | {c.gpus}× {c.gpu} {c.gpu_memory_gib} GB | {c.tensor_parallel_size} | "
+                     f"{c.price_per_hour:.3f} | {_gib(max(c.memory.kv_cache, 0))} | {c.sequences_fit:,} | "
+                     f"{c.max_len_at_concurrency:,} | {mark} |")
+    lines += ["", "Estimates: weights from file sizes; KV exact per layer (16-token blocks, sliding windows capped as vLLM "
+                  "does); activation, CUDA graphs and context are conservative estimates (see tasks/capacity.py)."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- task
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+@task(name="plan-capacity", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def plan_task(
+    store: ModelStore, model: ModelRef, settings: VllmServerSettings, capacity: EcsGpuCapacity | None = None,
+    concurrency: int | None = None, instance_types: list[str] | None = None,
+) -> CapacityPlan:
+    """Read the staged model's config.json and manifest from S3 and plan. Reads only."""
+    s3 = s3_client(store)
+    bucket, prefix = _split(model.s3_uri)
+    manifest = read_manifest(s3, bucket, prefix)
+    if manifest is None:
+        raise PipelineInputError(f"{model.s3_uri} has no {MANIFEST}: stage the model first (stage-model flow)")
+    config = read_json(s3, bucket, f"{prefix}/config.json")
+    if config is None:
+        raise PipelineInputError(f"{model.s3_uri} has no config.json: the planner needs the model's architecture")
+    result = plan(config, weight_bytes_from_manifest(manifest), settings, capacity, concurrency,
+                  instance_types=instance_types, model_name=f"{model.repo_id}@{model.sha[:12]}")
+    logger = get_run_logger()
+    if result.chosen:
+        c = result.chosen
+        logger.info("%s: choose %s (TP %d, $%.3f/h): %d x %d-token sequences fit", result.model, c.instance_type,
+                    c.tensor_parallel_size, c.price_per_hour, c.sequences_fit, result.settings.max_model_len)
+    else:
+        logger.warning("%s", result.refusal)
+    return result

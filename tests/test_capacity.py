@@ -1,0 +1,392 @@
+"""The capacity planner (issue: plan): memory arithmetic on real public model configs, instance choices,
+refusals, the markdown report, and the plan-capacity flow against the moto S3.
+
+Configs below are the memory-relevant fields of the public config.json files, written in as data.
+Weight sizes: Llama-3.1-8B's four shard sizes as the Hub lists them; the others are parameter count ×
+2 bytes (bf16) + a safetensors header, the parameter count checked by hand against the published one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.vllm_server import VllmServerSettings
+from tasks.capacity import (
+    BLOCK_TOKENS,
+    GiB,
+    by_hardware,
+    model_shape,
+    plan,
+    render_markdown,
+    weight_bytes_from_manifest,
+)
+from tasks.errors import PipelineInputError
+from tasks.s3 import Manifest, ManifestFile
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+LLAMA_31_8B_SHARDS = [4976698672, 4999802720, 4915916176, 1168138808]
+
+QWEN2_7B = {  # GQA 28 heads / 4 KV heads; a sliding_window that is switched off (use_sliding_window false)
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+    "max_position_embeddings": 131072, "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 28,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+MISTRAL_7B_V01 = {  # sliding window 4096 on every layer
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000,
+    "max_position_embeddings": 32768, "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+LLAMA_3_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 80, "hidden_size": 8192,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+SMOLLM2_135M = {  # the embedded default model
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+LLAMA_2_7B = {  # full multi-head attention: no num_key_value_heads, no head_dim (the reference notes' "7B" row)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+    "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "torch_dtype": "float16",
+}
+
+
+def llama_params(c: dict, qkv_bias: bool = False) -> int:
+    """Parameters of a Llama-style decoder, by hand: embeddings (+ LM head unless tied), per layer q/k/v/o,
+    gate/up/down and two norms, final norm."""
+    h, layers, i, v = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if qkv_bias else 0)
+    per_layer = attn + 3 * h * i + 2 * h
+    return v * h * (1 if c.get("tie_word_embeddings") else 2) + layers * per_layer + h
+
+
+HEADER = 40_000  # a safetensors JSON header, per file, roughly
+QWEN2_7B_BYTES = llama_params(QWEN2_7B, qkv_bias=True) * 2 + 4 * HEADER
+MISTRAL_7B_BYTES = llama_params(MISTRAL_7B_V01) * 2 + 2 * HEADER
+LLAMA_3_70B_BYTES = llama_params(LLAMA_3_70B) * 2 + 30 * HEADER
+SMOLLM2_BYTES = 269_060_552  # model.safetensors of SmolLM2-135M(-Instruct), "269 MB"
+
+
+def settings(**kw) -> VllmServerSettings:
+    return VllmServerSettings(**kw)
+
+
+def cand(p, instance: str, tp: int = 1):
+    return next(c for c in p.candidates if c.instance_type == instance and c.tensor_parallel_size == tp)
+
+
+def test_parameter_counts_match_the_published_ones():
+    # The hand count reproduces each model card's parameter count, so params × 2 bytes is the bf16 size.
+    assert llama_params(LLAMA_31_8B) == 8_030_261_248
+    assert llama_params(QWEN2_7B, qkv_bias=True) == 7_615_616_512
+    assert llama_params(MISTRAL_7B_V01) == 7_241_732_096
+    assert llama_params(LLAMA_3_70B) == 70_553_706_496
+    assert llama_params(SMOLLM2_135M) == 134_515_008
+    assert sum(LLAMA_31_8B_SHARDS) - 8_030_261_248 * 2 < 4 * HEADER  # the real shards: params × 2 + headers
+
+
+# ------------------------------------------------------------------------------------------- Llama-3.1-8B
+
+
+def test_llama31_8b_weights_and_kv_by_hand():
+    p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192))
+    assert p.weight_bytes == p.served_weight_bytes == 4976698672 + 4999802720 + 4915916176 + 1168138808  # 14.96 GiB
+    assert round(p.weight_bytes / GiB, 2) == 14.96
+    assert p.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2 == 131_072  # layers × KV heads × head_dim × (K,V) × bf16
+    assert p.shape.head_dim == 4096 // 32 and p.shape.max_len == 131072  # llama3 rope type does not stretch it
+    one = cand(p, "g5.xlarge")
+    assert one.sequence_bytes == 8192 * 131_072 == 1 * GiB  # one 8K sequence = 1 GiB
+    m = one.memory
+    assert m.budget == m.weights + m.activation + m.cuda_graphs + m.runtime + m.lora + m.kv_cache
+    assert m.budget == int(int(22.20 * GiB) * 0.9)  # an A10G shows 22.20 GiB to CUDA
+    assert one.sequences_fit == m.kv_cache // GiB == 3
+    # TP 4 on 4× L4: a quarter of the weights and 2 of the 8 KV heads per GPU
+    four = cand(p, "g6.12xlarge", 4)
+    assert four.memory.weights == -(-sum(LLAMA_31_8B_SHARDS) // 4)
+    assert four.kv_bytes_per_token == 32 * 2 * 128 * 2 * 2
+
+
+def test_llama31_8b_fits_one_a10g_only_with_a_reduced_max_model_len():
+    full = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=131072))
+    a10g = cand(full, "g5.xlarge")
+    assert not a10g.fits and "holds 0 of 1 sequences of 131,072 tokens (16.00 GiB each)" in a10g.reason
+    assert 16_384 < a10g.max_len_at_concurrency < 32_768  # what one 24 GB A10G holds: ~28K tokens
+    assert full.chosen.instance_type == "g6e.xlarge"  # one 48 GB L40S holds the full 128K context
+    assert not cand(full, "g4dn.xlarge").fits  # 16 GB T4: 14.96 GiB of weights alone exceed 0.9 × 14.75 GiB
+    assert "weights 14.96 GiB" in cand(full, "g4dn.xlarge").reason
+
+    reduced = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192))
+    assert cand(reduced, "g5.xlarge").fits
+    assert reduced.chosen.instance_type == "g6.xlarge"  # the same 24 GB on an L4, cheaper than the A10G
+    assert reduced.chosen.tensor_parallel_size == 1 and reduced.chosen.price_per_hour == 0.805
+    assert "g5.xlarge" in [c.instance_type for c in reduced.alternatives]
+
+
+def test_price_overrides_change_the_choice():
+    cap = EcsGpuCapacity(price_overrides={"g5.xlarge": 0.70})
+    p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192), cap)
+    assert p.chosen.instance_type == "g5.xlarge" and p.chosen.price_source == "override"
+    assert p.configured.instance_type == "g6.xlarge" and p.configured.fits  # the block's instance_type, evaluated
+
+
+def test_concurrency_asks_for_more_room():
+    p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, max_num_seqs=64), concurrency=16)
+    assert p.chosen.sequences_fit >= 16 and p.chosen.instance_type == "g6e.xlarge"  # 16 × 1 GiB needs the L40S
+    assert not cand(p, "g6.xlarge").fits
+    with pytest.raises(PipelineInputError, match="max_num_seqs"):
+        plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_num_seqs=8), concurrency=9)
+
+
+# ------------------------------------------------------------------------------------------- Qwen2-7B (GQA)
+
+
+def test_qwen2_7b_gqa():
+    p = plan(QWEN2_7B, QWEN2_7B_BYTES, settings(max_model_len=32768))
+    assert p.kv_bytes_per_token == 28 * 4 * 128 * 2 * 2 == 57_344  # 4 KV heads for 28 query heads: 1/7 of MHA
+    assert p.shape.layer_windows == [None] * 28  # use_sliding_window false: every layer full attention
+    assert round(p.weight_bytes / GiB, 2) == 14.19
+    assert cand(p, "g6.xlarge").sequence_bytes == 32768 * 57_344  # 1.75 GiB per 32K sequence
+    # 28 heads split over 1, 2 or 4 GPUs, not 8
+    assert {c.tensor_parallel_size for c in p.candidates if c.instance_type == "p4d.24xlarge"} == {1, 2, 4}
+    assert any("tensor_parallel_size 8 impossible" in n for n in p.notes)
+    assert p.chosen.instance_type == "g6.xlarge"  # 24 GB: weights 14.19 GiB + a 32K sequence fit
+
+
+# ------------------------------------------------------------------------------------------- Mistral-7B (SWA)
+
+
+def test_mistral_sliding_window_caps_kv_per_sequence():
+    p = plan(MISTRAL_7B_V01, MISTRAL_7B_BYTES, settings(max_model_len=32768))
+    assert p.shape.layer_windows == [4096] * 32
+    assert p.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2 == 131_072
+    l4 = cand(p, "g6.xlarge")
+    assert l4.max_num_batched_tokens == 2048
+    # each layer keeps at most window − 1 + batched tokens = 4095 + 2048 = 6143 tokens → 384 blocks, + 1 block
+    per_sequence = 32 * (384 + 1) * BLOCK_TOKENS * (8 * 128 * 2 * 2)
+    assert l4.sequence_bytes == per_sequence == 807_403_520  # 0.75 GiB instead of 4 GiB for 32K tokens
+    assert l4.sequences_fit == l4.memory.kv_cache // per_sequence >= 5
+    assert p.chosen.instance_type == "g6.xlarge"
+
+    no_window = plan(MISTRAL_7B_V01, MISTRAL_7B_BYTES, settings(max_model_len=32768, extra_args=["--disable-sliding-window"]))
+    whole = cand(no_window, "g6.xlarge")
+    assert whole.sequence_bytes == 32768 * 131_072 == 4 * GiB  # every token kept: 4 GiB per 32K sequence
+    assert whole.sequences_fit == whole.memory.kv_cache // (4 * GiB) == 1 and l4.sequences_fit >= 5
+
+
+def test_mixed_sliding_layers():
+    # Gemma-3 style layer_types (5 sliding : 1 full) and Qwen2 with use_sliding_window (layers >= max_window_layers)
+    gemma = {**LLAMA_31_8B, "model_type": "gemma3_text", "num_hidden_layers": 6, "sliding_window": 1024,
+             "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+    assert model_shape(gemma).layer_windows == [1024] * 5 + [None]
+    qwen = {**QWEN2_7B, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}
+    assert model_shape(qwen).layer_windows == [None] * 20 + [4096] * 8
+    p = plan(gemma, 10 * GiB, settings(max_model_len=8192))
+    per_layer = 8 * 128 * 2 * 2
+    full = 8192 // 16 * 16 * per_layer
+    sliding = ((1024 - 1 + 2048) // 16 + 1 + 1) * 16 * per_layer  # cdiv(3071, 16) = 192, + 1
+    assert cand(p, "g6.xlarge").sequence_bytes == full + 5 * sliding
+
+
+# ------------------------------------------------------------------------------------------- Llama-3-70B
+
+
+def test_llama3_70b_needs_several_gpus():
+    p = plan(LLAMA_3_70B, LLAMA_3_70B_BYTES, settings(max_model_len=8192))
+    assert p.kv_bytes_per_token == 80 * 8 * 128 * 2 * 2 == 327_680
+    assert round(p.weight_bytes / GiB, 1) == 131.4  # 70.55 B params × 2 bytes
+    # one 80 GB A100 is too small; two hold it (the reference notes: "70B | 2× A100-80GB")
+    assert not cand(p, "p4de.24xlarge", 1).fits and cand(p, "p4de.24xlarge", 2).fits
+    assert cand(p, "p4de.24xlarge", 2).kv_bytes_per_token == 80 * 4 * 128 * 2 * 2  # 4 of 8 KV heads per GPU
+    # cheapest: 4× L40S at TP 4 (32.9 GiB of weights per 48 GB GPU)
+    assert (p.chosen.instance_type, p.chosen.tensor_parallel_size) == ("g6e.12xlarge", 4)
+    assert not cand(p, "g6.12xlarge", 4).fits and not cand(p, "g4dn.metal", 8).fits
+    assert [c.price_per_hour for c in p.alternatives] == sorted(c.price_per_hour for c in p.alternatives)
+
+
+def test_llama3_70b_in_fp8_fits_one_80gb_gpu():
+    # notes: "70B ... With INT4 | 1× A100-80GB"; fp8 (8-bit linear layers, 16-bit embeddings) already does
+    p = plan(LLAMA_3_70B, LLAMA_3_70B_BYTES, settings(max_model_len=4096, quantization="fp8"))
+    embed = 128256 * 8192 * 2  # untied embedding + LM head stay bf16
+    linear = LLAMA_3_70B_BYTES / 2 - embed
+    assert p.served_weight_bytes == int(linear * 1 + embed * 2)  # ≈ 68 GiB
+    assert cand(p, "p4de.24xlarge", 1).fits
+
+
+def test_reference_notes_kv_table_is_for_full_multi_head_attention():
+    # production-deployment-notes.txt, "Memory by Model Size": 7B → KV 2 GB at 4K, 16 GB at 32K.
+    shape = model_shape(LLAMA_2_7B)
+    assert (shape.num_kv_heads, shape.head_dim) == (32, 128)  # missing fields: MHA, hidden // heads
+    p = plan(LLAMA_2_7B, llama_params(LLAMA_2_7B) * 2, settings(max_model_len=4096))
+    assert p.kv_bytes_per_token == 32 * 32 * 128 * 2 * 2 == 524_288  # 0.5 MiB per token
+    assert p.kv_bytes_per_token * 4096 == 2 * GiB and p.kv_bytes_per_token * 32768 == 16 * GiB
+    # ...while a GQA 70B with 8 KV heads needs 1/8 of the notes' "10 GB at 4K" (which assumes 64 KV heads)
+    assert 327_680 * 4096 == 80 * 64 * 128 * 2 * 2 * 4096 // 8
+    # notes: "7B | 1× A10G" in fp16
+    assert cand(p, "g5.xlarge").fits and not cand(p, "g4dn.xlarge").fits
+
+
+def test_prequantized_awq_7b_fits_a_t4():
+    # notes: "7B ... With INT4 | 1× T4". An AWQ checkpoint is served as stored.
+    awq = {**LLAMA_2_7B, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+    p = plan(awq, 3_889_394_552, settings(max_model_len=4096, quantization="awq"))
+    assert p.served_weight_bytes == 3_889_394_552
+    assert p.chosen.instance_type == "g4dn.xlarge"
+    with pytest.raises(PipelineInputError, match="needs a checkpoint quantized with awq"):
+        plan(LLAMA_2_7B, llama_params(LLAMA_2_7B) * 2, settings(quantization="awq"))
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2 (default)
+
+
+def test_smollm2_default_model_default_settings():
+    p = plan(SMOLLM2_135M, SMOLLM2_BYTES, settings(), EcsGpuCapacity())
+    assert p.kv_bytes_per_token == 30 * 3 * 64 * 2 * 2 == 23_040
+    assert p.served_weight_bytes == SMOLLM2_BYTES and round(SMOLLM2_BYTES / GiB, 3) == 0.251
+    # 9 heads / 3 KV heads: no tensor parallelism
+    assert {c.tensor_parallel_size for c in p.candidates} == {1}
+    # dtype auto on a T4 (no bf16) runs float16: same bytes, and the cheapest GPU wins
+    assert p.chosen.instance_type == "g4dn.xlarge" and p.chosen.dtype == "float16"
+    assert p.chosen.sequence_bytes == 2048 * 23_040
+    assert p.chosen.sequences_fit > p.settings.max_num_seqs  # far more than vLLM will run at once
+    assert p.configured.instance_type == "g6.xlarge" and p.configured.fits
+
+
+def test_explicit_bfloat16_rules_out_the_t4():
+    p = plan(SMOLLM2_135M, SMOLLM2_BYTES, settings(dtype="bfloat16"))
+    assert "T4 has no bfloat16" in cand(p, "g4dn.xlarge").reason
+    assert p.chosen.instance_type == "g6.xlarge"
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def test_fp8_kv_cache_and_float32_and_lora():
+    base = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192))
+    fp8 = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, extra_args=["--kv-cache-dtype", "fp8"]))
+    assert fp8.kv_bytes_per_token == base.kv_bytes_per_token // 2 == 32 * 8 * 128 * 2 * 1
+    assert cand(fp8, "g5.xlarge").sequences_fit == cand(fp8, "g5.xlarge").memory.kv_cache // (GiB // 2)
+    fp32 = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(dtype="float32", max_model_len=8192))
+    assert fp32.served_weight_bytes == sum(LLAMA_31_8B_SHARDS) * 2 and fp32.kv_bytes_per_token == 2 * base.kv_bytes_per_token
+    lora = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS),
+                settings(max_model_len=8192, enable_lora=True, max_lora_rank=16, max_loras=4))
+    # per layer Σ(in + out) over q, k, v, o, gate, up, down
+    per_layer = (4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 2 * (4096 + 14336) + (14336 + 4096)
+    assert cand(lora, "g5.xlarge").memory.lora == 4 * 16 * 32 * per_layer * 2  # ≈ 0.31 GiB
+    eager = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, enforce_eager=True))
+    assert cand(eager, "g5.xlarge").memory.cuda_graphs == 0 < cand(base, "g5.xlarge").memory.cuda_graphs
+
+
+def test_multimodal_text_config_is_read():
+    vlm = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "torch_dtype": "bfloat16",
+           "text_config": {**MISTRAL_7B_V01, "sliding_window": None, "torch_dtype": None},
+           "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24}}
+    shape = model_shape(vlm)
+    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.checkpoint_dtype) == (32, 8, 128, "bfloat16")
+    assert shape.architecture == "Mistral3ForConditionalGeneration" and shape.sliding_layers == 0
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def test_refusal_names_what_to_change():
+    too_long = plan(LLAMA_3_70B, LLAMA_3_70B_BYTES, settings(max_model_len=32768))
+    assert too_long.chosen is None and "lower max_model_len to <= 8,192" in too_long.refusal
+
+    crowd = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=131072, max_num_seqs=256), concurrency=256)
+    assert crowd.chosen is None
+    assert "lower max_model_len to <= " in crowd.refusal and "lower concurrency to <= " in crowd.refusal
+    assert "quantization='fp8'" in crowd.refusal and "--kv-cache-dtype fp8" in crowd.refusal
+    assert "\n" not in crowd.refusal
+
+    huge = {**LLAMA_3_70B, "num_hidden_layers": 126, "hidden_size": 16384, "num_attention_heads": 128,
+            "intermediate_size": 53248}  # a Llama-3.1-405B shape: 810 GB of bf16 weights
+    refused = plan(huge, 405_000_000_000 * 2, settings(max_model_len=4096))
+    assert refused.chosen is None and "the weights alone do not fit" in refused.refusal
+    assert "quantize" in refused.refusal and "more GPUs" in refused.refusal
+
+
+def test_input_errors():
+    with pytest.raises(PipelineInputError, match="num_hidden_layers"):
+        plan({"model_type": "bert"}, 1000, settings())
+    with pytest.raises(PipelineInputError, match="not in the catalogue"):
+        plan(SMOLLM2_135M, SMOLLM2_BYTES, settings(), instance_types=["x9.huge"])
+    only = plan(SMOLLM2_135M, SMOLLM2_BYTES, settings(), instance_types=["g5.xlarge", "g6e.xlarge"])
+    assert {c.instance_type for c in only.candidates} == {"g5.xlarge", "g6e.xlarge"}
+
+
+def test_weight_bytes_from_manifest():
+    files = [("model-00001-of-00002.safetensors", 5), ("model-00002-of-00002.safetensors", 7),
+             ("consolidated.safetensors", 12), ("original/consolidated.00.pth", 12), ("config.json", 1),
+             ("tokenizer.json", 3)]
+    manifest = Manifest(repo_id="a/b", revision="main", sha="0" * 40, staged_at="t", source_endpoint="e",
+                        files=[ManifestFile(path=p, size=s, sha256="x") for p, s in files])
+    assert weight_bytes_from_manifest(manifest) == 12  # the HF shards; consolidated duplicate and original/ skipped
+    manifest.files = [f for f in manifest.files if not f.path.startswith("model-")]
+    assert weight_bytes_from_manifest(manifest) == 12  # only consolidated: that is the model
+    manifest.files = [ManifestFile(path="config.json", size=1, sha256="x")]
+    with pytest.raises(PipelineInputError, match="no \\*.safetensors"):
+        weight_bytes_from_manifest(manifest)
+
+
+def test_markdown_report():
+    p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192))
+    md = render_markdown(p)
+    assert "**Choose `g6.xlarge`" in md and "| **KV cache** |" in md and "| weights | 14.96 |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
+    prices = [float(r.split("|")[5]) for r in rows]
+    assert prices == sorted(prices) and len(rows) == len(by_hardware(p.candidates))
+    assert "**chosen**" in rows[1] and rows[0].endswith("|") and "no: weights" in rows[0]  # the T4 row comes first
+    refused = render_markdown(plan(LLAMA_3_70B, LLAMA_3_70B_BYTES, settings(max_model_len=32768)))
+    assert "**Nothing fits.**" in refused and "lower max_model_len" in refused
+
+
+# ------------------------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.integration
+def test_plan_capacity_flow_end_to_end(bucket):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from blocks.model_store import ModelStore
+    from flows.plan import artifact_key, plan_capacity
+    from tasks.aws import aws_client
+    from tasks.s3 import model_prefix, write_manifest
+
+    import json
+
+    store = ModelStore(bucket_name=bucket)
+    store.save(f"{bucket}-store", overwrite=True)
+    repo, sha = "HuggingFaceTB/SmolLM2-135M-Instruct", "a" * 40
+    prefix = model_prefix(store, repo, sha)
+    s3 = aws_client("s3")
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/config.json", Body=json.dumps(SMOLLM2_135M).encode())
+    write_manifest(s3, bucket, prefix, Manifest(
+        repo_id=repo, revision="main", sha=sha, staged_at="2025-01-01T00:00:00+00:00", source_endpoint="http://hub",
+        files=[ManifestFile(path="model.safetensors", size=SMOLLM2_BYTES, sha256="0" * 64),
+               ManifestFile(path="config.json", size=900, sha256="1" * 64)],
+    ))
+
+    result = plan_capacity(repo_id=repo, model_store_block=f"{bucket}-store")
+    assert result.chosen.instance_type == "g4dn.xlarge" and result.weight_bytes == SMOLLM2_BYTES
+    assert result.model == f"{repo}@{sha[:12]}"
+    key = artifact_key(repo)
+    assert key == "capacity-plan-huggingfacetb-smollm2-135m-instruct"
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert arts and "| **KV cache** |" in arts[0].data and "g4dn.xlarge" in arts[0].data
+
+    with pytest.raises(PipelineInputError, match="lower max_model_len to <= 8,192"):
+        plan_capacity(model_uri=f"s3://{bucket}/{prefix}", model_store_block=f"{bucket}-store", max_model_len=65536)
