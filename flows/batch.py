@@ -1,0 +1,218 @@
+"""batch-inference: OpenAI Batch JSONL in S3 -> OpenAI batch output in S3, against a stack's endpoint.
+
+`input_uri` is one .jsonl object, or a prefix ending in '/' whose every .jsonl object not
+yet processed (no summary.json in its output folder) is run. Each file's output folder
+holds output.jsonl, errors.jsonl, summary.json and the shards that checkpoint the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+import httpx
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from blocks.catalogue import gpu_instances
+from blocks.loading import load_config
+from blocks.model_store import ModelStore
+from tasks.batch import (
+    BatchSettings, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input, run_online,
+    split_s3, write_shard,
+)
+from tasks.errors import PipelineInputError, retry_if_transient
+from tasks.naming import check_stack_name
+from tasks.progress import Progress
+from tasks.s3 import s3_client
+from tasks.secrets import read_secret
+from tasks.state import require_state
+from tasks.validation.checks import percentile
+
+
+class BatchSummary(BaseModel):
+    input_uri: str
+    output_uri: str
+    errors_uri: str
+    lines: int
+    ok: int
+    failed: int
+    resumed_lines: int
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    retries: int
+    estimated_cost_usd: float
+    price_per_hour: float
+
+
+def default_output(input_uri: str) -> str:
+    """Results go beside the input folder, never inside it (a prefix run would read them back):
+    s3://b/jobs/in/a.jsonl -> s3://b/jobs/in-results/a ; s3://b/jobs/in/ -> s3://b/jobs/in-results/"""
+    bucket, key = split_s3(input_uri)
+    folder, _, name = key.rstrip("/").rpartition("/") if not input_uri.endswith("/") else (key.rstrip("/"), "", "")
+    root = f"s3://{bucket}/{folder}-results" if folder else f"s3://{bucket}/results"
+    return root + "/" if input_uri.endswith("/") else f"{root}/{name.removesuffix('.jsonl')}"
+
+
+def _endpoint_resolver(store: ModelStore, stack: str | None, url: str | None, key_secret: str | None):
+    """(url, key) now; for a stack, re-read its state record so a redeploy mid-run is followed."""
+    if stack is None:
+        key = read_secret(key_secret).get_secret_value()
+        return lambda: (url, key)
+
+    def resolve() -> tuple[str, str]:
+        state = require_state(store, stack)
+        return state.endpoint.url, read_secret(state.endpoint.api_key_secret).get_secret_value()
+
+    return resolve
+
+
+@task(name="check-endpoint", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def check_endpoint(url: str, key: str) -> None:
+    try:
+        resp = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    except httpx.TransportError as exc:
+        raise PipelineInputError(f"batch endpoint {url} is unreachable ({type(exc).__name__}): is the stack deployed?") from None
+    if resp.status_code != 200:
+        raise PipelineInputError(f"batch endpoint {url} answered /v1/models with HTTP {resp.status_code}")
+
+
+@task(name="run-batch-file", task_run_name="batch-{input_uri}", cache_policy=NO_CACHE)
+def run_batch_file(
+    store: ModelStore, input_uri: str, output_uri: str, resolve, served_model_name: str, settings: BatchSettings,
+    price_per_hour: float,
+) -> BatchSummary:
+    logger = get_run_logger()
+    s3 = s3_client(store)
+    in_bucket, in_key = split_s3(input_uri)
+    out_bucket, out_prefix = split_s3(output_uri.rstrip("/"))
+    require_input(s3, in_bucket, in_key)
+    url, key = resolve()
+    check_endpoint.fn(url, key)
+    total = sum(1 for _ in iter_input(s3, in_bucket, in_key))
+    done = done_lines(s3, out_bucket, out_prefix)
+    if done:
+        logger.info("resuming: %d of %d lines already have a record", len(done), total)
+    progress = Progress(f"batch-progress-{abs(hash(output_uri)) % 10**8}", total, f"Batch {input_uri}")
+    progress.add(len(done))
+    run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
+    seq = [0]
+    all_lines: set[int] = set()
+
+    def lines():
+        seen: dict[str, int] = {}
+        for n, raw in iter_input(s3, in_bucket, in_key):
+            all_lines.add(n)
+            parsed = parse_line(n, raw, seen)  # every line, so duplicates are found on a resume too
+            if n in done:
+                continue
+            if parsed.request is not None:
+                parsed.request["body"].setdefault("model", served_model_name)
+            yield parsed
+
+    def flush(rows: list[dict]) -> None:
+        seq[0] += 1
+        write_shard(s3, out_bucket, out_prefix, run_id, seq[0], rows)
+
+    started = time.monotonic()
+    try:
+        stats = asyncio.run(run_online(lines(), resolve, flush, settings, on_done=progress.add))
+    except EndpointDown as exc:
+        raise RuntimeError(f"the endpoint went away mid-run ({exc}); completed records are saved: re-run to finish") from None
+    wall = time.monotonic() - started
+    progress.finish()
+    merged: MergeResult = finalize(s3, out_bucket, out_prefix, all_lines)
+    summary = BatchSummary(
+        input_uri=input_uri, output_uri=merged.output_uri, errors_uri=merged.errors_uri, lines=merged.lines, ok=merged.ok,
+        failed=merged.failed, resumed_lines=len(done), prompt_tokens=merged.prompt_tokens,
+        completion_tokens=merged.completion_tokens, wall_s=round(wall, 2),
+        requests_per_s=round(stats.sent / wall, 2) if wall else 0.0,
+        output_tokens_per_s=round(merged.completion_tokens / wall, 1) if wall else 0.0,
+        latency_p50_s=percentile(stats.latencies, 50), latency_p95_s=percentile(stats.latencies, 95), retries=stats.retries,
+        estimated_cost_usd=round(price_per_hour * wall / 3600, 4), price_per_hour=price_per_hour,
+    )
+    s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/summary.json", Body=summary.model_dump_json(indent=2).encode())
+    logger.info("batch %s: %d ok, %d failed, %.1f req/s -> %s", input_uri, summary.ok, summary.failed, summary.requests_per_s,
+                summary.output_uri)
+    return summary
+
+
+@task(name="list-batch-inputs", cache_policy=NO_CACHE)
+def list_inputs(store: ModelStore, input_uri: str, output_uri: str) -> list[tuple[str, str]]:
+    """(input, output) pairs still to run: one file, or every new .jsonl under a prefix."""
+    s3 = s3_client(store)
+    bucket, key = split_s3(input_uri)
+    if not input_uri.endswith("/"):
+        return [(input_uri, output_uri)]
+    pairs = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith(".jsonl"):
+                continue
+            stem = obj["Key"][len(key):].removesuffix(".jsonl").replace("/", "-")
+            out = f"{output_uri.rstrip('/')}/{stem}"
+            ob, ok = split_s3(out)
+            try:
+                s3.head_object(Bucket=ob, Key=f"{ok}/summary.json")
+                continue  # already processed
+            except s3.exceptions.ClientError:
+                pairs.append((f"s3://{bucket}/{obj['Key']}", out))
+    return pairs
+
+
+def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
+    lines = ["# Batch inference", "", "| input | lines | ok | failed | resumed | req/s | out tok/s | p50 s | p95 s | retries | est. cost |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| `{s.input_uri}` | {s.lines} | {s.ok} | {s.failed} | {s.resumed_lines} | {s.requests_per_s} | "
+                     f"{s.output_tokens_per_s} | {s.latency_p50_s and round(s.latency_p50_s, 2)} | "
+                     f"{s.latency_p95_s and round(s.latency_p95_s, 2)} | {s.retries} | ${s.estimated_cost_usd} |")
+    lines += ["", *[f"- output `{s.output_uri}`, errors `{s.errors_uri}`; tokens in {s.prompt_tokens}, out {s.completion_tokens}"
+                    for s in summaries]]
+    if not summaries:
+        lines.append("Nothing to do: no new input.")
+    create_markdown_artifact("\n".join(lines), key=key, description="Batch inference summary")
+
+
+@flow(name="batch-inference", log_prints=True)
+def batch_inference(
+    input_uri: str,
+    stack: str | None = None,
+    output_uri: str | None = None,
+    mode: Literal["online"] = "online",
+    concurrency: int = 32,
+    endpoint_url: str | None = None,
+    api_key_secret: str | None = None,
+    served_model_name: str | None = None,
+    settings: BatchSettings | None = None,
+    model_store_block: str | None = None,
+) -> list[BatchSummary]:
+    """Run OpenAI Batch JSONL at `input_uri` against `stack` (or an explicit endpoint).
+    Re-running the same input resumes it; finished inputs under a prefix are skipped."""
+    settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})
+    BatchSettings.model_validate(settings.model_dump())
+    store = load_config(ModelStore, model_store_block)
+    split_s3(input_uri)
+    output_uri = output_uri or default_output(input_uri)
+    price = 0.0
+    if stack:
+        check_stack_name(stack)
+        state = require_state(store, stack)
+        served_model_name = served_model_name or state.endpoint.served_model_name
+        instance = (state.settings or {}).get("instance_type")
+        price = gpu_instances()[instance].price_per_hour if instance in gpu_instances() else 0.0
+    elif not (endpoint_url and api_key_secret and served_model_name):
+        raise PipelineInputError("give a stack, or endpoint_url + api_key_secret + served_model_name")
+    resolve = _endpoint_resolver(store, stack, endpoint_url, api_key_secret)
+    summaries = [run_batch_file(store, i, o, resolve, served_model_name, settings, price)
+                 for i, o in list_inputs(store, input_uri, output_uri)]
+    _summary_artifact(summaries, key=f"batch-{stack or 'endpoint'}")
+    return summaries
