@@ -8,6 +8,8 @@ holds output.jsonl, errors.jsonl, summary.json and the shards that checkpoint th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import time
 from typing import Literal
 
@@ -101,10 +103,10 @@ def run_batch_file(
     done = done_lines(s3, out_bucket, out_prefix)
     if done:
         logger.info("resuming: %d of %d lines already have a record", len(done), total)
-    progress = Progress(f"batch-progress-{abs(hash(output_uri)) % 10**8}", total, f"Batch {input_uri}")
+    progress = Progress(f"batch-progress-{hashlib.sha256(output_uri.encode()).hexdigest()[:12]}", total, f"Batch {input_uri}")
     progress.add(len(done))
     run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
-    seq = [0]
+    seq = itertools.count(1)  # shards may be flushed from several threads at once
     all_lines: set[int] = set()
 
     def lines():
@@ -119,8 +121,7 @@ def run_batch_file(
             yield parsed
 
     def flush(rows: list[dict]) -> None:
-        seq[0] += 1
-        write_shard(s3, out_bucket, out_prefix, run_id, seq[0], rows)
+        write_shard(s3, out_bucket, out_prefix, run_id, next(seq), rows)
 
     started = time.monotonic()
     try:

@@ -13,7 +13,7 @@ from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from tasks.errors import PipelineInputError
-from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server
+from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
 from tasks.state import ModelRef, StackState, load_state, save_state
@@ -27,7 +27,7 @@ def _recent(ts: str) -> bool:
 
 def deploy(
     stack: str, store: ModelStore, settings: VllmServerSettings, model: ModelRef, target: str = "local",
-    ready_timeout_s: float = 900,
+    ready_timeout_s: float = 900, ttl_hours: float = 24,
 ) -> StackState:
     logger = get_run_logger()
     state, etag = load_state(store, stack)
@@ -41,7 +41,7 @@ def deploy(
         )
     old_endpoint = state.endpoint if state else None
     state = state or StackState(stack=stack, target="local")
-    state.status, state.model = "deploying", model
+    state.status, state.model, state.ttl_hours = "deploying", model, ttl_hours
     state.settings = settings.model_dump(mode="json", exclude={"api_key"})
     state.note(f"deploy {model.s3_uri}")
     etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
@@ -50,15 +50,18 @@ def deploy(
     secret_arn = ensure_api_key(stack, settings)
     state.add_resource("secret", secret_arn)
     etag = save_state(store, state, etag)
+    state.endpoint = start_local_server(stack, settings, model, secret_arn)
+    state.add_resource("process", str(state.endpoint.pid))
+    etag = save_state(store, state, etag)  # recorded before the wait: an interrupted deploy leaves nothing unknown
     try:
-        state.endpoint = start_local_server(stack, settings, model, secret_arn, ready_timeout_s)
-    except Exception as exc:
+        wait_local_ready(state.endpoint, ready_timeout_s)
+    except BaseException as exc:
+        stop_local_server(state.endpoint.pid)
         state.status = "failed"
         state.endpoint = None
-        state.note(f"deploy failed: {str(exc).splitlines()[0]}")
+        state.note(f"deploy failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         save_state(store, state, etag)
         raise
-    state.add_resource("process", str(state.endpoint.pid))
     state.status = "running"
     state.note(f"running at {state.endpoint.url}")
     save_state(store, state, etag)
@@ -87,13 +90,15 @@ def deploy_model(
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
     ready_timeout_s: int = 900,
+    ttl_hours: float = 24,
 ) -> StackState:
     """Deploy the staged model (`model_uri`, or the newest staged revision of `repo_id` /
-    the ModelSource block's repo) as stack `stack`. A running stack serving the same model is a no-op."""
+    the ModelSource block's repo) as stack `stack`. A running stack serving the same model is a no-op.
+    The `reap` flow tears the stack down `ttl_hours` after its last deploy."""
     check_stack_name(stack)
     store = load_config(ModelStore, model_store_block)
     settings = load_config(VllmServerSettings, server_settings_block)
     if not model_uri and not repo_id:
         repo_id = load_config(ModelSource, model_source_block).repo_id
     model = find_staged_model(store, repo_id=repo_id, model_uri=model_uri)
-    return deploy(stack, store, settings, model, target, ready_timeout_s)
+    return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours)

@@ -199,6 +199,7 @@ async def run_online(
 
     async def emit(line: int, record: dict) -> None:
         nonlocal buffer, last_flush
+        rows = None
         async with lock:
             buffer.append({"line": line, "record": record})
             stats.ok += is_ok(record)
@@ -207,7 +208,8 @@ async def run_online(
             if len(buffer) >= settings.shard_lines or time.monotonic() - last_flush >= settings.shard_seconds:
                 rows, buffer = buffer, []
                 last_flush = time.monotonic()
-                await asyncio.to_thread(flush, rows)
+        if rows:  # written outside the lock: other requests keep completing meanwhile
+            await asyncio.to_thread(flush, rows)
 
     async def one(client: httpx.AsyncClient, p: Parsed) -> None:
         try:

@@ -31,20 +31,24 @@ def endpoint_alive(endpoint: Endpoint | None) -> bool:
 
 @task(name="start-local-vllm", cache_policy=NO_CACHE)
 def start_local_server(
-    stack: str, settings: VllmServerSettings, model: ModelRef, api_key_secret: str, ready_timeout_s: float,
-    adapters: dict[str, str] | None = None,
+    stack: str, settings: VllmServerSettings, model: ModelRef, api_key_secret: str, adapters: dict[str, str] | None = None,
 ) -> Endpoint:
-    """Start the server through the image entrypoint and wait until it serves the model."""
-    logger = get_run_logger()
+    """Start the server through the image entrypoint; returns at once so the pid is recorded before the wait."""
     api_key = read_secret(api_key_secret).get_secret_value()
     pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters)
-    logger.info("vLLM server starting: pid %d, %s, log %s", pid, url, log_path)
-    wait_ready(pid, url, settings.served_model_name, api_key, log_path, ready_timeout_s)
-    logger.info("vLLM server ready at %s serving %r", url, settings.served_model_name)
+    get_run_logger().info("vLLM server starting: pid %d, %s, log %s", pid, url, log_path)
     return Endpoint(
         url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_secret,
         adapters=list((adapters or {}).keys()), pid=pid, log_path=log_path,
     )
+
+
+@task(name="wait-local-vllm-ready", cache_policy=NO_CACHE)
+def wait_local_ready(endpoint: Endpoint, ready_timeout_s: float) -> None:
+    """Until the server serves the model; a dead server fails at once, quoting its log."""
+    api_key = read_secret(endpoint.api_key_secret).get_secret_value()
+    wait_ready(endpoint.pid, endpoint.url, endpoint.served_model_name, api_key, endpoint.log_path, ready_timeout_s)
+    get_run_logger().info("vLLM server ready at %s serving %r", endpoint.url, endpoint.served_model_name)
 
 
 @task(name="stop-local-vllm", cache_policy=NO_CACHE)

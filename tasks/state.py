@@ -52,6 +52,7 @@ class StackState(BaseModel):
     endpoint: Endpoint | None = None
     resources: list[Resource] = Field(default_factory=list)
     settings: dict = Field(default_factory=dict)  # non-secret server settings, for the record
+    ttl_hours: float = Field(default=24, gt=0, description="The reap flow tears the stack down after this long without a deploy.")
     history: list[str] = Field(default_factory=list)
 
     def add_resource(self, kind: str, id: str, region: str | None = None) -> None:
@@ -98,6 +99,19 @@ def save_state(store: ModelStore, state: StackState, etag: str | None) -> str:
 
 def delete_state(store: ModelStore, stack: str) -> None:
     s3_client(store).delete_object(Bucket=store.bucket_name, Key=state_key(stack))
+
+
+def list_stacks(store: ModelStore) -> list[StackState]:
+    """Every stack with a state record in the store."""
+    s3 = s3_client(store)
+    stacks = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket_name, Prefix="stacks/"):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/state.json"):
+                state, _ = load_state(store, obj["Key"].split("/")[1])
+                if state is not None:
+                    stacks.append(state)
+    return stacks
 
 
 def require_state(store: ModelStore, stack: str) -> StackState:
