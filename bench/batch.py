@@ -76,6 +76,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from embedded.net import stop_process  # noqa: E402
+
 APPROACHES = ("ours", "vllm", "pool")
 TARGET_OURS_OVER_VLLM = 0.95
 TARGET_OURS_OVER_POOL = 1.00
@@ -270,15 +272,6 @@ def run_vllm(ctx: dict, concurrency: int, tag: str) -> Measurement:
 # -- services ----------------------------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _tail(path: Path, lines: int = 25) -> str:

@@ -63,6 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from embedded.net import stop_process  # noqa: E402
+
 # Before huggingface_hub is imported (it reads these once): no progress bars in the report.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -124,15 +126,6 @@ def start_hub(folder: Path, log_path: Path, timeout: float = 300.0) -> tuple[sub
         raise
 
 
-def stop_process(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- S3 buckets ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from embedded.net import free_port, wait_for_port
+from embedded.net import free_port, stop_process, wait_for_port
 
 DEFAULT_BUCKET = "vllm-pipeline-models"
 DEFAULT_REGION = "us-east-1"
@@ -78,12 +78,7 @@ def local_aws(bucket: str = DEFAULT_BUCKET, region: str = DEFAULT_REGION, port: 
             aws_client("s3").create_bucket(Bucket=bucket)
             yield stack
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def main() -> None:  # pragma: no cover - interactive helper
