@@ -1,8 +1,9 @@
 """Prefect blocks: the user's configuration. `prefect block register -m blocks` registers them all."""
 
 from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.image_build import ImageBuildSettings
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import LoraAdapter, VllmServerSettings
 
-__all__ = ["EcsGpuCapacity", "LoraAdapter", "ModelSource", "ModelStore", "VllmServerSettings"]
+__all__ = ["EcsGpuCapacity", "ImageBuildSettings", "LoraAdapter", "ModelSource", "ModelStore", "VllmServerSettings"]

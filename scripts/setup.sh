@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+# Image builds (flows/build.py, tests/test_images.py): buildah builds without a Docker engine,
+# docker-registry is a local Registry v2 for the tests, htpasswd (apache2-utils) makes its logins.
+if ! command -v buildah >/dev/null || ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+  echo "setup: installing buildah, docker-registry and apache2-utils (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah docker-registry apache2-utils >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -537,6 +537,7 @@ def test_price_overrides_non_positive_refused(value):
 # --------------------------------------------------------------------------- discovery (`prefect block register -m blocks`)
 
 EXPECTED_SLUGS = {
+    "ImageBuildSettings": "vllm-image-build-settings",
     "EcsGpuCapacity": "vllm-ecs-gpu-capacity",
     "ModelSource": "vllm-model-source",
     "ModelStore": "vllm-model-store",
