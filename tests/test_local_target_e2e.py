@@ -152,3 +152,14 @@ def test_teardown_leaves_nothing_and_runs_twice(loose_stack):
     assert leftovers("e2e-loose") == [] and load_state(ModelStore(), "e2e-loose")[0] is None
     second = _teardown("e2e-loose")
     assert not second.had_state_record and second.left == []
+
+
+def test_server_dying_at_start_up_is_a_clear_error_quoting_its_log(staged_default):
+    from tasks.local_runtime import ServerStartError
+
+    with pytest.raises(ServerStartError, match=r"(?s)exited during start-up; last log lines:.*no-such-vllm-flag"):
+        _deploy("e2e-broken", staged_default, VllmServerSettings(enforce_eager=True, extra_args=["--no-such-vllm-flag"]))
+    state, _ = load_state(ModelStore(), "e2e-broken")
+    assert state.status == "failed" and state.endpoint is None
+    report = _teardown("e2e-broken")
+    assert report.left == []
