@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
 from tasks.errors import PipelineInputError
+from tasks.s3 import split_s3  # noqa: F401 - re-exported for the batch flow
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -47,15 +48,6 @@ class Parsed:
     custom_id: str
     request: dict | None  # None: the line is an input error (see error)
     error: str | None = None
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise PipelineInputError(f"{uri!r} is not an s3://bucket/key URI")
-    bucket, _, key = uri[5:].partition("/")
-    if ".." in key.split("/"):
-        raise PipelineInputError(f"{uri!r} contains '..'")
-    return bucket, key
 
 
 def parse_line(n: int, raw: bytes, seen: dict[str, int]) -> Parsed:

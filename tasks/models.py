@@ -6,24 +6,16 @@ from prefect import task
 
 from blocks.model_store import ModelStore
 from tasks.errors import PipelineInputError, retry_if_transient
-from tasks.s3 import MANIFEST, Manifest, read_manifest, s3_client
+from tasks.s3 import MANIFEST, Manifest, read_manifest, s3_client, split_s3
 from tasks.state import ModelRef
-
-
-def _split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise PipelineInputError(f"model_uri {uri!r} is not an s3://bucket/prefix URI")
-    bucket, _, prefix = uri[5:].partition("/")
-    if ".." in prefix.split("/"):
-        raise PipelineInputError(f"model_uri {uri!r} contains '..'")
-    return bucket, prefix.strip("/")
 
 
 @task(name="find-staged-model", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient)
 def find_staged_model(store: ModelStore, repo_id: str | None = None, model_uri: str | None = None) -> ModelRef:
     s3 = s3_client(store)
     if model_uri:
-        bucket, prefix = _split_s3(model_uri)
+        bucket, prefix = split_s3(model_uri)
+        prefix = prefix.strip("/")
         manifest = read_manifest(s3, bucket, prefix)
         if manifest is None:
             raise PipelineInputError(f"{model_uri} has no {MANIFEST}: stage the model first (stage-model flow)")

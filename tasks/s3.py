@@ -53,6 +53,16 @@ def require_bucket(s3, bucket: str) -> None:
         raise
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI; refuses anything else and '..' segments before any call."""
+    if not uri.startswith("s3://") or "/" not in uri[5:] or not uri[5:].partition("/")[0]:
+        raise PipelineInputError(f"{uri!r} is not an s3://bucket/key URI")
+    bucket, _, key = uri[5:].partition("/")
+    if ".." in key.split("/"):
+        raise PipelineInputError(f"{uri!r} contains '..'")
+    return bucket, key
+
+
 def model_prefix(store: ModelStore, repo_id: str, sha: str) -> str:
     return "/".join(p for p in (store.bucket_folder, repo_id, sha) if p)
 
