@@ -9,7 +9,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from blocks.model_store import check_bucket_name
+from blocks.model_store import check_bucket_name, coerce_aws_credentials
 
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 # ECR's (and the OCI distribution spec's) repository-name grammar.
@@ -80,7 +80,7 @@ class ImageBuildSettings(Block):
     @field_validator("credentials", mode="before")
     @classmethod
     def _credentials(cls, value):
-        return AwsCredentials(**value) if isinstance(value, dict) and "block_type_slug" not in value else value
+        return coerce_aws_credentials(value)
 
     @field_validator("registry")
     @classmethod

@@ -30,6 +30,11 @@ def check_bucket_name(value: str) -> str:
     return value
 
 
+def coerce_aws_credentials(value):
+    """A plain dict becomes AwsCredentials (a saved block's dict carries its slug and is left to Prefect)."""
+    return AwsCredentials(**value) if isinstance(value, dict) and "block_type_slug" not in value else value
+
+
 class ModelStore(S3Bucket):
     """The S3 bucket (and key prefix) staged models and stack state live in."""
 
@@ -44,7 +49,7 @@ class ModelStore(S3Bucket):
     @field_validator("credentials", mode="before")
     @classmethod
     def _credentials(cls, value):
-        return AwsCredentials(**value) if isinstance(value, dict) and "block_type_slug" not in value else value
+        return coerce_aws_credentials(value)
 
     @field_validator("bucket_name")
     @classmethod
