@@ -41,6 +41,7 @@ from tasks.naming import check_stack_name
 from tasks.progress import Progress
 from tasks.s3 import s3_client
 from tasks.secrets import read_secret
+from tasks.state import price_per_hour as stack_price
 from tasks.state import require_state
 from tasks.validation.checks import percentile
 
@@ -297,8 +298,7 @@ def batch_inference(
         check_stack_name(stack)
         state = require_state(store, stack)
         served_model_name = served_model_name or state.endpoint.served_model_name
-        instance = (state.settings or {}).get("instance_type")
-        price = gpu_instances()[instance].price_per_hour if instance in gpu_instances() else 0.0
+        price = stack_price(state)
     elif not (endpoint_url and api_key_secret and served_model_name):
         raise PipelineInputError("give a stack, or endpoint_url + api_key_secret + served_model_name")
     resolve = _endpoint_resolver(store, stack, endpoint_url, api_key_secret)

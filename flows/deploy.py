@@ -5,24 +5,49 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
+from pydantic import SecretStr
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.variables import Variable
 
+from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
+from flows.build import image_variable
+from tasks.aws import Aws
+from tasks.capacity import CapacityPlan, plan_task
+from tasks.ecs_target import Recorder, deploy_ecs, rollback
 from tasks.errors import PipelineInputError
+from tasks.images import check_image_uri
 from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
-from tasks.state import ModelRef, StackState, load_state, save_state
+from tasks.state import ModelRef, StackState, delete_state, load_state, save_state
 
 DEPLOY_LOCK_TTL = timedelta(minutes=30)
 
 
+def last_built_image(name: str) -> str:
+    """The image reference the build-images flow last pushed (a Prefect Variable)."""
+    ref = Variable.get(image_variable(name))
+    if not ref:
+        raise PipelineInputError(f"no image_uri given and no {name!r} image built yet: run the build-images flow or pass image_uri")
+    return ref
+
+
 def _recent(ts: str) -> bool:
     return datetime.now(timezone.utc) - datetime.fromisoformat(ts) < DEPLOY_LOCK_TTL
+
+
+def _refuse_if_busy(state: StackState | None, stack: str, target: str) -> None:
+    if state is not None and state.target != target and state.status != "deleted":
+        raise PipelineInputError(f"stack {stack!r} exists on target {state.target!r}: tear it down before deploying it to {target!r}")
+    if state is not None and state.status in ("deploying", "tearing-down") and _recent(state.updated_at):
+        raise PipelineInputError(
+            f"stack {stack!r} is {state.status} by another run since {state.updated_at}; wait for it or tear the stack down"
+        )
 
 
 def deploy(
@@ -31,14 +56,11 @@ def deploy(
 ) -> StackState:
     logger = get_run_logger()
     state, etag = load_state(store, stack)
+    _refuse_if_busy(state, stack, "local")
     if state is not None and state.target == "local" and state.status == "running" and endpoint_alive(state.endpoint):
         if state.model and state.model.s3_uri == model.s3_uri:
             logger.info("stack %r already serves %s at %s: nothing to do", stack, model.s3_uri, state.endpoint.url)
             return state
-    if state is not None and state.status in ("deploying", "tearing-down") and _recent(state.updated_at):
-        raise PipelineInputError(
-            f"stack {stack!r} is {state.status} by another run since {state.updated_at}; wait for it or tear the stack down"
-        )
     old_endpoint = state.endpoint if state else None
     state = state or StackState(stack=stack, target="local")
     state.status, state.model, state.ttl_hours = "deploying", model, ttl_hours
@@ -80,25 +102,132 @@ def deploy(
     return state
 
 
+def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: VllmServerSettings) -> tuple[str, VllmServerSettings, float]:
+    """The capacity planner's verdict, before any AWS resource: the instance type (the block's, if
+    it fits; the planner's choice when the block leaves it empty), the tensor-parallel size it needs,
+    and the price per hour (price overrides included). Too small is a PipelineInputError."""
+    if capacity.instance_type is None:
+        if plan.chosen is None:
+            raise PipelineInputError(plan.refusal or f"{plan.model}: nothing in the catalogue fits")
+        cand = plan.chosen
+    else:
+        cand = plan.configured
+        if cand is None or not cand.fits:
+            better = f"; the planner would choose {plan.chosen.instance_type} (TP {plan.chosen.tensor_parallel_size}, " \
+                     f"${plan.chosen.price_per_hour:.3f}/h)" if plan.chosen else f"; {plan.refusal}"
+            reason = cand.reason if cand is not None else "not evaluated"
+            raise PipelineInputError(f"{capacity.instance_type} cannot serve {plan.model} at max_model_len "
+                                     f"{plan.settings.max_model_len:,}: {reason}{better}")
+        for fallback in capacity.fallback_instance_types:
+            ok = [c for c in plan.candidates if c.instance_type == fallback and c.fits
+                  and c.tensor_parallel_size == cand.tensor_parallel_size]
+            if not ok:
+                raise PipelineInputError(f"fallback instance type {fallback} cannot serve {plan.model} at tensor parallel "
+                                         f"size {cand.tensor_parallel_size}: drop it from fallback_instance_types")
+    if cand.tensor_parallel_size != settings.tensor_parallel_size:
+        settings = settings.model_copy(update={"tensor_parallel_size": cand.tensor_parallel_size})
+    return cand.instance_type, settings, cand.price_per_hour
+
+
+def deploy_to_ecs(
+    stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef, image_uri: str,
+    hf_token: SecretStr | None = None, ready_timeout_s: float = 1800, ttl_hours: float = 24, keep_failed: bool = False,
+    poll_s: float = 15,
+) -> StackState:
+    """Plan, then create or update every resource of the stack; on failure roll back what this run made
+    (`keep_failed`: keep it for debugging) and raise the error that caused it."""
+    logger = get_run_logger()
+    check_image_uri(image_uri)
+    plan = plan_task(store, model, settings, capacity)
+    instance_type, settings, price = choose_instance(plan, capacity, settings)
+    logger.info("stack %r: %s (TP %d, $%.3f/h) per the capacity plan", stack, instance_type, settings.tensor_parallel_size, price)
+    state, etag = load_state(store, stack)
+    _refuse_if_busy(state, stack, "ecs")
+    new_stack = state is None or state.status != "running"
+    state = state or StackState(stack=stack, target="ecs")
+    state.status, state.model, state.ttl_hours = "deploying", model, ttl_hours
+    state.settings = {
+        **settings.model_dump(mode="json", exclude={"api_key"}), "instance_type": instance_type, "price_per_hour": price,
+        "region": capacity.region, "cluster": capacity.cluster, "desired_count": capacity.desired_count, "image_uri": image_uri,
+    }
+    state.note(f"deploy {model.s3_uri} on {instance_type} ({image_uri})")
+    rec = Recorder(store, state, None, capacity.region)
+    rec.etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
+    try:
+        deploy_ecs(stack, store, settings, capacity, model, image_uri, instance_type, rec, hf_token, ready_timeout_s, poll_s)
+    except BaseException as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        state.note(f"deploy failed: {first}")
+        if keep_failed:
+            state.status = "failed"
+            rec.save()
+            logger.error("stack %r failed and is kept for debugging (keep_failed): tear it down when done", stack)
+            raise
+        try:
+            rollback(Aws(store.credentials, capacity.region), stack, rec, new_stack)
+        except Exception as rb:  # noqa: BLE001 - the cause is what the user must see; the rollback error is logged
+            logger.error("stack %r: rollback incomplete (%s): run the teardown flow", stack, rb)
+            state.status = "failed"
+            rec.save()
+            raise exc from None
+        if new_stack:
+            delete_state(store, stack)
+        else:
+            state.status = "running"
+            state.note("update rolled back")
+            rec.save()
+        raise
+    state.status = "running"
+    state.note(f"running at {state.endpoint.url}")
+    rec.save()
+    create_markdown_artifact(
+        "\n".join([
+            f"# Stack `{stack}` deployed (ecs)",
+            "",
+            f"- model `{model.repo_id}` @ `{model.sha}` from `{model.s3_uri}`",
+            f"- image `{image_uri}`",
+            f"- {capacity.desired_count} x `{instance_type}` in {capacity.region} (TP {settings.tensor_parallel_size}, "
+            f"${price:.3f}/h each), cluster `{capacity.cluster or state.resources and next((r.id for r in state.resources if r.kind == 'cluster'), '')}`",
+            f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
+            f"- API key in Secrets Manager `{state.endpoint.api_key_secret}`",
+            f"- {len(state.resources)} resources recorded in `s3://{store.bucket_name}/stacks/{stack}/state.json`",
+        ]),
+        key=f"deploy-{stack}", description=f"Stack {stack} deployed",
+    )
+    return state
+
+
 @flow(name="deploy-model", log_prints=True)
 def deploy_model(
     stack: str,
-    target: Literal["local"] = "local",
+    target: Literal["local", "ecs"] = "local",
     model_uri: str | None = None,
     repo_id: str | None = None,
+    image_uri: str | None = None,
     model_source_block: str | None = None,
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
+    capacity_block: str | None = None,
     ready_timeout_s: int = 900,
     ttl_hours: float = 24,
+    keep_failed: bool = False,
 ) -> StackState:
     """Deploy the staged model (`model_uri`, or the newest staged revision of `repo_id` /
     the ModelSource block's repo) as stack `stack`. A running stack serving the same model is a no-op.
-    The `reap` flow tears the stack down `ttl_hours` after its last deploy."""
+    target="ecs": on ECS GPU capacity (EcsGpuCapacity block) from the vLLM image `image_uri`
+    (default: the one the build-images flow last pushed); a failed deploy is rolled back unless
+    `keep_failed`. The `reap` flow tears the stack down `ttl_hours` after its last deploy."""
     check_stack_name(stack)
     store = load_config(ModelStore, model_store_block)
     settings = load_config(VllmServerSettings, server_settings_block)
+    capacity = load_config(EcsGpuCapacity, capacity_block) if target == "ecs" else None
+    source = load_config(ModelSource, model_source_block) if (not model_uri and not repo_id) or target == "ecs" else None
     if not model_uri and not repo_id:
-        repo_id = load_config(ModelSource, model_source_block).repo_id
+        repo_id = source.repo_id
+    if target == "ecs":
+        image_uri = check_image_uri(image_uri or last_built_image("vllm"))
     model = find_staged_model(store, repo_id=repo_id, model_uri=model_uri)
+    if target == "ecs":
+        return deploy_to_ecs(stack, store, settings, capacity, model, image_uri, source.token, ready_timeout_s, ttl_hours,
+                             keep_failed)
     return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours)

@@ -9,11 +9,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from blocks.catalogue import gpu_instances
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from flows.teardown import teardown
-from tasks.state import StackState, list_stacks
+from tasks.state import StackState, list_stacks, price_per_hour
 
 
 class StackStatus(BaseModel):
@@ -35,7 +34,7 @@ def _hours_since(ts: str) -> float:
 
 def describe(state: StackState) -> StackStatus:
     instance = (state.settings or {}).get("instance_type")
-    price = gpu_instances()[instance].price_per_hour if instance in gpu_instances() else 0.0
+    price = price_per_hour(state) * int((state.settings or {}).get("desired_count") or 1)
     age = _hours_since(state.created_at)
     return StackStatus(
         stack=state.stack, target=state.target, status=state.status, age_hours=round(age, 2),

@@ -1,4 +1,4 @@
-"""pipeline: stage -> plan -> deploy -> validate -> batch (optional) -> teardown (unless keep_running).
+"""pipeline: stage -> build -> plan -> deploy -> validate -> batch (optional) -> teardown (unless keep_running).
 
 Each step is its own flow, run here as a subflow, so each has its own runs and artifacts in
 the UI. Once something was deployed, a failure anywhere later still tears the stack down
@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.batch import BatchSummary, batch_inference
+from flows.build import BuildReport, build_images
 from flows.deploy import deploy_model
 from flows.plan import plan_capacity
 from flows.stage import StagedModel, stage_model
@@ -26,6 +27,7 @@ from tasks.naming import check_stack_name
 class PipelineResult(BaseModel):
     stack: str
     staged: StagedModel
+    build: BuildReport | None = None
     plan: str | None
     endpoint: str | None
     validation: ValidationReport | None
@@ -38,7 +40,7 @@ def pipeline(
     stack: str,
     repo_id: str | None = None,
     revision: str | None = None,
-    target: Literal["local"] = "local",
+    target: Literal["local", "ecs"] = "local",
     batch_input_uri: str | None = None,
     batch_concurrency: int = 32,
     keep_running: bool = False,
@@ -48,22 +50,30 @@ def pipeline(
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
     capacity_block: str | None = None,
+    image_build_block: str | None = None,
+    build: bool | None = None,
+    ready_timeout_s: int = 1800,
 ) -> PipelineResult:
     """Take a Hub model to a validated endpoint, run a batch on it, and tear it down
-    (`keep_running` keeps the stack; `keep_failed` keeps a failed stack for debugging)."""
+    (`keep_running` keeps the stack; `keep_failed` keeps a failed stack for debugging).
+    `build` (default: only for target ecs) builds and pushes the images first, skipped when
+    their content is unchanged; the ecs deploy then runs the vLLM image just built."""
     check_stack_name(stack)
     logger = get_run_logger()
     stores = dict(model_store_block=model_store_block)
     staged = stage_model(repo_id=repo_id, revision=revision, model_source_block=model_source_block, **stores)
     model_uri = f"s3://{staged.bucket}/{staged.prefix}"
+    built = build_images(images=None, image_build_block=image_build_block) if (target == "ecs" if build is None else build) else None
+    image_uri = next((i.image_ref for i in built.images if i.name == "vllm"), None) if built else None
     plan = plan_capacity(model_uri=model_uri, server_settings_block=server_settings_block, capacity_block=capacity_block, **stores)
     plan_line = (f"{plan.chosen.instance_type} (TP {plan.chosen.tensor_parallel_size}, ${plan.chosen.price_per_hour}/h)"
                  if plan.chosen else None)
-    result = PipelineResult(stack=stack, staged=staged, plan=plan_line, endpoint=None, validation=None, batches=[], teardown=None)
+    result = PipelineResult(stack=stack, staged=staged, build=built, plan=plan_line, endpoint=None, validation=None, batches=[], teardown=None)
     failed = True
     try:
-        state = deploy_model(stack=stack, target=target, model_uri=model_uri, server_settings_block=server_settings_block,
-                             ttl_hours=ttl_hours, **stores)
+        state = deploy_model(stack=stack, target=target, model_uri=model_uri, image_uri=image_uri,
+                             server_settings_block=server_settings_block, capacity_block=capacity_block,
+                             ready_timeout_s=ready_timeout_s, ttl_hours=ttl_hours, keep_failed=keep_failed, **stores)
         result.endpoint = state.endpoint.url
         result.validation = validate(stack=stack, **stores)
         if batch_input_uri:
@@ -71,7 +81,7 @@ def pipeline(
         failed = False
     finally:
         if (failed and not keep_failed) or (not failed and not keep_running):
-            result.teardown = teardown_stack(stack=stack, **stores)
+            result.teardown = teardown_stack(stack=stack, capacity_block=capacity_block, **stores)
         elif failed:
             logger.warning("pipeline failed; stack %r kept for debugging (keep_failed): tear it down when done", stack)
         _summary(result, failed)
@@ -90,6 +100,7 @@ def _summary(r: PipelineResult, failed: bool) -> None:
         "|---|---|",
         f"| stage | `{r.staged.s3_uri}` ({r.staged.files} files, {r.staged.total_bytes / 1e6:.1f} MB; "
         f"{'already staged' if r.staged.already_staged else f'{r.staged.bytes_uploaded / 1e6:.1f} MB uploaded'}) |",
+        f"| build | {_build_line(r.build)} |",
         f"| plan | {r.plan or 'nothing fits'} |",
         f"| deploy | {r.endpoint or 'not deployed'} |",
         f"| validate | {('passed' if r.validation.passed else 'FAILED') if r.validation else 'not run'} |",
@@ -101,3 +112,9 @@ def _summary(r: PipelineResult, failed: bool) -> None:
     else:
         lines.append("| teardown | stack kept running |")
     create_markdown_artifact("\n".join(lines), key=f"pipeline-{r.stack}", description=f"Pipeline run {run}")
+
+
+def _build_line(b: BuildReport | None) -> str:
+    if b is None:
+        return "not run (the local target runs the entrypoint without an image)"
+    return ", ".join(f"`{i.image_ref}` ({'built' if i.built else 'unchanged, skipped'})" for i in b.images)

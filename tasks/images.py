@@ -577,3 +577,16 @@ def push_image(settings: ImageBuildSettings, builder_name: str, target: Target) 
     with tempfile.TemporaryDirectory(prefix="push-") as tmp:
         os.chmod(tmp, 0o700)
         return builder.push(target.ref, login, Path(tmp))
+
+
+_IMAGE_REF = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::\d+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+
+
+def check_image_uri(uri: str | None) -> str:
+    """An image reference ECS can pull: `registry/repo[:tag][@sha256:digest]`. Checked before anything is created."""
+    if not uri or not isinstance(uri, str) or len(uri) > 1024 or not _IMAGE_REF.match(uri):
+        raise PipelineInputError(f"image_uri {uri!r} is not an image reference (registry/repository:tag or @sha256:digest); "
+                                 "run the build-images flow or pass one")
+    return uri

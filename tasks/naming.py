@@ -6,6 +6,7 @@ first one made, and teardown can find everything by tag even when the state reco
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from tasks.errors import PipelineInputError
@@ -38,3 +39,23 @@ def tags(stack: str) -> dict[str, str]:
 
 def tag_list(stack: str, key: str = "Key", value: str = "Value") -> list[dict[str, str]]:
     return [{key: k, value: v} for k, v in tags(stack).items()]
+
+
+def short_name(stack: str, kind: str, limit: int = 32) -> str:
+    """`vllm-<stack>-<kind>`, or, where AWS caps the length (load balancers and target groups: 32),
+    a truncated stack name plus a hash of the whole one: still deterministic, still unique per stack."""
+    name = resource_name(stack, kind)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(stack.encode()).hexdigest()[:6]
+    head = stack[: limit - len(kind) - len(digest) - 2].rstrip("-")
+    return f"{head}-{digest}-{kind}"
+
+
+def iam_path(stack: str) -> str:
+    """IAM has no place in the tagging API: a per-stack path makes its roles findable by listing."""
+    return f"/vllm-pipeline/{stack}/"
+
+
+def log_group_name(stack: str) -> str:
+    return f"/vllm-pipeline/{stack}/server"

@@ -11,10 +11,10 @@ from tasks.aws import aws_client
 from tasks.naming import secret_name, tag_list
 
 
-def ensure_secret(stack: str, what: str, value: SecretStr | None, credentials=None) -> str:
+def ensure_secret(stack: str, what: str, value: SecretStr | None, credentials=None, region: str | None = None) -> str:
     """Get-or-create the secret `vllm-pipeline/<stack>/<what>`; a None value gets a random key.
     An existing secret keeps its value unless a new one is given. Returns the ARN."""
-    sm = aws_client("secretsmanager", credentials)
+    sm = aws_client("secretsmanager", credentials, region)
     name = secret_name(stack, what)
     try:
         arn = sm.describe_secret(SecretId=name)["ARN"]
@@ -30,13 +30,19 @@ def ensure_secret(stack: str, what: str, value: SecretStr | None, credentials=No
     )["ARN"]
 
 
-def read_secret(secret_id: str, credentials=None) -> SecretStr:
-    return SecretStr(aws_client("secretsmanager", credentials).get_secret_value(SecretId=secret_id)["SecretString"])
+def _region_of(secret_id: str, region: str | None) -> str | None:
+    """A secret's ARN names its region; Secrets Manager answers only there."""
+    return secret_id.split(":")[3] if secret_id.startswith("arn:") and secret_id.count(":") >= 6 else region
 
 
-def delete_secret(secret_id: str, credentials=None) -> bool:
+def read_secret(secret_id: str, credentials=None, region: str | None = None) -> SecretStr:
+    sm = aws_client("secretsmanager", credentials, _region_of(secret_id, region))
+    return SecretStr(sm.get_secret_value(SecretId=secret_id)["SecretString"])
+
+
+def delete_secret(secret_id: str, credentials=None, region: str | None = None) -> bool:
     """Delete now (no recovery window: a torn-down stack leaves nothing). Gone already counts as done."""
-    sm = aws_client("secretsmanager", credentials)
+    sm = aws_client("secretsmanager", credentials, _region_of(secret_id, region))
     try:
         sm.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
         return True

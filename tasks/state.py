@@ -119,3 +119,15 @@ def require_state(store: ModelStore, stack: str) -> StackState:
     if state is None or state.endpoint is None:
         raise PipelineInputError(f"stack {stack!r} is not deployed (no endpoint in s3://{store.bucket_name}/{state_key(stack)})")
     return state
+
+
+def price_per_hour(state: StackState) -> float:
+    """What the stack's GPU instance costs per hour: the capacity plan's figure recorded at deploy
+    (price overrides included); the catalogue's for records older than that; 0 for the local target."""
+    from blocks.catalogue import gpu_instances
+
+    settings = state.settings or {}
+    if settings.get("price_per_hour") is not None:
+        return float(settings["price_per_hour"])
+    instance = settings.get("instance_type")
+    return gpu_instances()[instance].price_per_hour if instance in gpu_instances() else 0.0

@@ -1,55 +1,312 @@
-"""Teardown: delete what a stack made, found from its state record and by tag, then prove nothing is left."""
+"""Teardown: find everything a stack made (its state record *and* a scan), delete it in dependency
+order, then prove nothing is left.
+
+The scan is the resource groups tagging API plus per-service listings for what that API misses
+(IAM roles and instance profiles, which it does not cover; Auto Scaling groups, capacity providers
+and launch templates, which it covers late or not at all in some regions). Every delete treats
+"already gone" as success, so teardown can run twice, after a partial teardown, or without a record.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.aws import aws_client
-from tasks.errors import retry_if_transient
-from tasks.naming import TAG_STACK
+from tasks.aws import Aws, error_code
+from tasks.errors import is_transient
+from tasks.gpu_hosts import (
+    delete_auto_scaling_group,
+    delete_capacity_provider,
+    delete_cluster,
+    delete_launch_template,
+    terminate_instances,
+)
+from tasks.ecs_service import delete_load_balancer, delete_log_group, delete_service, delete_target_group, deregister_family
+from tasks.iam import delete_instance_profile, delete_role, stack_roles
+from tasks.local_target import stop_local_server
+from tasks.naming import TAG_STACK, log_group_name, resource_name
+from tasks.network import delete_security_group
 from tasks.secrets import delete_secret
+from tasks.state import Resource
 
-_RETRY = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+# Dependency order: what uses a thing goes before it.
+ORDER = [
+    "process", "service", "ecs-task", "task-definition", "capacity-provider", "asg", "instance", "launch-template",
+    "listener", "load-balancer", "target-group", "security-group", "log-group", "secret", "instance-profile",
+    "iam-role", "cluster",
+]
+# Deleting these can meet a dependency still draining (an ALB's ENIs, a target group in use): retry.
+_RETRYABLE_DELETE = frozenset({"DependencyViolation", "ResourceInUse", "ResourceInUseException", "ClusterContainsServicesException",
+                               "ClusterContainsTasksException", "ClusterContainsContainerInstancesException",
+                               "ScalingActivityInProgress", "ResourceContention", "UpdateInProgressException"})
 
 
-def tagged_arns(stack: str) -> list[str]:
-    """Every resource the tagging API knows with this stack's tag."""
-    api = aws_client("resourcegroupstaggingapi")
-    arns = []
-    for page in api.get_paginator("get_resources").paginate(TagFilters=[{"Key": TAG_STACK, "Values": [stack]}]):
-        arns += [r["ResourceARN"] for r in page.get("ResourceTagMappingList", [])]
-    return arns
+def _retry_delete(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classified
+        return is_transient(exc) or (isinstance(exc, ClientError) and error_code(exc) in _RETRYABLE_DELETE)
+    return False
 
 
-def tagged_secrets(stack: str) -> list[str]:
-    """Secrets Manager's own tag filter: a deleted secret is not listed (the tagging API may lag)."""
-    sm = aws_client("secretsmanager")
-    found = []
+# ------------------------------------------------------------------------------------------------ scan
+
+
+def kind_of_arn(arn: str) -> Resource | None:
+    """A tagging-API ARN as a (kind, id) teardown knows how to delete; None for a kind it does not."""
+    parts = arn.split(":", 5)
+    if len(parts) < 6:
+        return None
+    service, region, rest = parts[2], parts[3], parts[5]
+    if service == "ecs":
+        kind, _, name = rest.partition("/")
+        if kind == "service":
+            return Resource(kind="service", id=name, region=region)  # <cluster>/<service>
+        if kind == "cluster":
+            return Resource(kind="cluster", id=name, region=region)
+        if kind == "task-definition":
+            return Resource(kind="task-definition", id=name.rsplit(":", 1)[0], region=region)
+        if kind == "capacity-provider":
+            return Resource(kind="capacity-provider", id=name, region=region)
+        if kind == "task":
+            return Resource(kind="ecs-task", id=name, region=region)  # <cluster>/<task id>
+    if service == "ec2":
+        kind, _, rid = rest.partition("/")
+        mapping = {"security-group": "security-group", "instance": "instance", "launch-template": "launch-template"}
+        if kind in mapping:
+            return Resource(kind=mapping[kind], id=rid, region=region)
+        if kind == "volume":
+            return None  # DeleteOnTermination: goes with its instance
+    if service == "elasticloadbalancing":
+        if rest.startswith("loadbalancer/"):
+            return Resource(kind="load-balancer", id=arn, region=region)
+        if rest.startswith("targetgroup/"):
+            return Resource(kind="target-group", id=arn, region=region)
+        if rest.startswith("listener/"):
+            return Resource(kind="listener", id=arn, region=region)
+    if service == "logs" and rest.startswith("log-group:"):
+        return Resource(kind="log-group", id=rest.removeprefix("log-group:").removesuffix(":*"), region=region)
+    if service == "secretsmanager":
+        return Resource(kind="secret", id=arn, region=region)
+    if service == "autoscaling" and "autoScalingGroupName/" in rest:
+        return Resource(kind="asg", id=rest.split("autoScalingGroupName/", 1)[1], region=region)
+    if service == "iam":
+        kind, _, name = rest.partition("/")
+        return Resource(kind={"role": "iam-role", "instance-profile": "instance-profile"}.get(kind, "iam"),
+                        id=name.rsplit("/", 1)[-1], region=region)
+    return None
+
+
+def _has_tag(tags: Iterable[dict], stack: str, key: str = "Key", value: str = "Value") -> bool:
+    return any(t.get(key) == TAG_STACK and t.get(value) == stack for t in tags or [])
+
+
+def _still_there(aws: Aws, r: Resource) -> bool:
+    """The tagging index also returns recently deleted ECS clusters, services and task definitions
+    ("tagged or previously tagged"): ECS itself says whether they are still there."""
+    ecs = aws.client("ecs")
+    if r.kind == "cluster":
+        return any(c["status"] != "INACTIVE" for c in ecs.describe_clusters(clusters=[r.id])["clusters"])
+    if r.kind == "service":
+        cluster, _, name = r.id.rpartition("/")
+        try:
+            return any(s["status"] != "INACTIVE" for s in ecs.describe_services(cluster=cluster, services=[name])["services"])
+        except ClientError as exc:
+            if error_code(exc) == "ClusterNotFoundException":
+                return False
+            raise
+    if r.kind == "task-definition":
+        pages = ecs.get_paginator("list_task_definitions").paginate(familyPrefix=r.id, status="ACTIVE")
+        return any(a.rsplit("/", 1)[-1].rsplit(":", 1)[0] == r.id for p in pages for a in p["taskDefinitionArns"])
+    return True
+
+
+def scan(aws: Aws, stack: str) -> tuple[list[Resource], list[str]]:
+    """(resources carrying the stack's tag or living under its names, ARNs of tagged things of a kind
+    teardown cannot delete). Secrets Manager, not the tagging index (which lags), decides on secrets."""
+    found: dict[tuple[str, str], Resource] = {}
+    unknown: list[str] = []
+
+    def add(r: Resource | None) -> None:
+        if r is not None:
+            found.setdefault((r.kind, r.id), r)
+
+    try:
+        api = aws.client("resourcegroupstaggingapi")
+        for page in api.get_paginator("get_resources").paginate(TagFilters=[{"Key": TAG_STACK, "Values": [stack]}]):
+            for m in page.get("ResourceTagMappingList", []):
+                r = kind_of_arn(m["ResourceARN"])
+                if r is None and ":volume/" not in m["ResourceARN"]:
+                    unknown.append(m["ResourceARN"])
+                elif r is not None and r.kind != "secret" and _still_there(aws, r):
+                    add(r)
+    except ClientError as exc:  # not in every partition
+        get_run_logger().warning("tagging API scan skipped: %s", exc)
+
+    sm = aws.client("secretsmanager")
     for page in sm.get_paginator("list_secrets").paginate(Filters=[{"Key": "tag-key", "Values": [TAG_STACK]}]):
         for s in page.get("SecretList", []):
-            if any(t["Key"] == TAG_STACK and t["Value"] == stack for t in s.get("Tags", [])):
-                found.append(s["ARN"])
-    return found
+            if _has_tag(s.get("Tags"), stack):
+                add(Resource(kind="secret", id=s["ARN"]))
+
+    roles, profiles = stack_roles(aws, stack)
+    for name in roles:
+        add(Resource(kind="iam-role", id=name))
+    for name in profiles:
+        add(Resource(kind="instance-profile", id=name))
+
+    asg = aws.client("autoscaling")
+    for page in asg.get_paginator("describe_auto_scaling_groups").paginate(
+            Filters=[{"Name": f"tag:{TAG_STACK}", "Values": [stack]}]):
+        for g in page["AutoScalingGroups"]:
+            add(Resource(kind="asg", id=g["AutoScalingGroupName"]))
+
+    ec2 = aws.client("ec2")
+    tag_filter = [{"Name": f"tag:{TAG_STACK}", "Values": [stack]}]
+    for page in ec2.get_paginator("describe_launch_templates").paginate(Filters=tag_filter):
+        for lt in page["LaunchTemplates"]:
+            add(Resource(kind="launch-template", id=lt["LaunchTemplateId"]))
+    for page in ec2.get_paginator("describe_security_groups").paginate(Filters=tag_filter):
+        for g in page["SecurityGroups"]:
+            add(Resource(kind="security-group", id=g["GroupId"]))
+    live = [{"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped", "shutting-down"]}]
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=tag_filter + live):
+        for res in page["Reservations"]:
+            for i in res["Instances"]:
+                add(Resource(kind="instance", id=i["InstanceId"]))
+
+    ecs = aws.client("ecs")
+    cps = ecs.describe_capacity_providers(capacityProviders=[resource_name(stack, "gpu")], include=["TAGS"])
+    for cp in cps.get("capacityProviders", []):
+        if cp.get("status") == "ACTIVE":
+            add(Resource(kind="capacity-provider", id=cp["name"]))
+    for family in (resource_name(stack, "server"), resource_name(stack, "batch")):
+        for page in ecs.get_paginator("list_task_definitions").paginate(familyPrefix=family, status="ACTIVE"):
+            if any(a.rsplit("/", 1)[-1].rsplit(":", 1)[0] == family for a in page["taskDefinitionArns"]):
+                add(Resource(kind="task-definition", id=family))
+    clusters = ecs.describe_clusters(clusters=[resource_name(stack, "cluster")])["clusters"]
+    if clusters and clusters[0]["status"] == "ACTIVE":
+        add(Resource(kind="cluster", id=clusters[0]["clusterName"]))
+
+    logs = aws.client("logs")
+    prefix = log_group_name(stack).rsplit("/", 1)[0] + "/"
+    for page in logs.get_paginator("describe_log_groups").paginate(logGroupNamePrefix=prefix):
+        for g in page["logGroups"]:
+            add(Resource(kind="log-group", id=g["logGroupName"]))
+    return sorted(found.values(), key=lambda r: (ORDER.index(r.kind) if r.kind in ORDER else 99, r.id)), sorted(unknown)
 
 
-@task(name="delete-secret", **_RETRY)
-def delete_secret_task(arn: str) -> bool:
-    gone = delete_secret(arn)
-    get_run_logger().info("secret %s %s", arn, "deleted" if gone else "was already gone")
+@task(name="scan-stack", retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_retry_delete, cache_policy=NO_CACHE)
+def scan_task(aws: Aws, stack: str) -> tuple[list[Resource], list[str]]:
+    return scan(aws, stack)
+
+
+def leftovers(aws: Aws, stack: str) -> list[str]:
+    """What still exists for the stack, as `kind id` lines. Empty is the proof teardown is complete."""
+    resources, unknown = scan(aws, stack)
+    return [f"{r.kind} {r.id}" for r in resources] + unknown
+
+
+# ---------------------------------------------------------------------------------------------- delete
+
+
+def _cluster_of(stack: str, resources: list[Resource]) -> str:
+    return next((r.id for r in resources if r.kind == "cluster"), resource_name(stack, "cluster"))
+
+
+def delete_one(aws: Aws, stack: str, r: Resource, cluster: str) -> bool:
+    """Delete one resource; False when it was already gone."""
+    k = r.kind
+    if k == "process":
+        return stop_local_server(int(r.id))
+    if k == "service":
+        svc_cluster, _, name = r.id.rpartition("/")
+        return delete_service(aws, svc_cluster or cluster, name)
+    if k == "ecs-task":
+        task_cluster, _, task_id = r.id.rpartition("/")
+        try:
+            aws.client("ecs").stop_task(cluster=task_cluster or cluster, task=task_id, reason="vllm-pipeline teardown")
+        except ClientError as exc:
+            if error_code(exc) not in ("InvalidParameterException", "ClusterNotFoundException", "ClientException"):
+                raise
+            return False
+        return True
+    if k == "task-definition":
+        return bool(deregister_family(aws, r.id))
+    if k == "capacity-provider":
+        return delete_capacity_provider(aws, r.id, cluster)
+    if k == "asg":
+        return delete_auto_scaling_group(aws, r.id)
+    if k == "instance":
+        return terminate_instances(aws, [r.id])
+    if k == "launch-template":
+        return delete_launch_template(aws, r.id)
+    if k == "listener":
+        try:
+            aws.client("elbv2").delete_listener(ListenerArn=r.id)
+        except ClientError as exc:
+            if error_code(exc) != "ListenerNotFound":
+                raise
+            return False
+        return True
+    if k == "load-balancer":
+        return delete_load_balancer(aws, r.id)
+    if k == "target-group":
+        return delete_target_group(aws, r.id)
+    if k == "security-group":
+        return delete_security_group(aws, r.id)
+    if k == "log-group":
+        return delete_log_group(aws, r.id)
+    if k == "secret":
+        return delete_secret(r.id, aws.credentials, aws.region)
+    if k == "instance-profile":
+        return delete_instance_profile(aws, r.id)
+    if k == "iam-role":
+        return delete_role(aws, r.id)
+    if k == "cluster":
+        return delete_cluster(aws, r.id)
+    raise ValueError(f"teardown does not know how to delete a {k!r}")
+
+
+@task(name="delete-resource", retries=6, retry_delay_seconds=[2, 5, 10, 20, 30, 60], retry_condition_fn=_retry_delete,
+      cache_policy=NO_CACHE)
+def delete_task(aws: Aws, stack: str, resource: Resource, cluster: str) -> bool:
+    gone = delete_one(aws, stack, resource, cluster)
+    get_run_logger().info("%s %s %s", resource.kind, resource.id, "deleted" if gone else "was already gone")
     return gone
 
 
-@task(name="scan-stack-tags", **_RETRY)
-def leftovers(stack: str) -> list[str]:
-    """What still carries the stack's tag. Empty is the proof teardown is complete."""
-    left = set(tagged_secrets(stack))
-    try:
-        for arn in tagged_arns(stack):
-            if ":secretsmanager:" in arn and arn not in left:
-                continue  # deleted secrets can linger in the tagging index; Secrets Manager is the authority
-            left.add(arn)
-    except ClientError as exc:  # the tagging API is not in every partition
-        get_run_logger().warning("tagging API scan skipped: %s", exc)
-    return sorted(left)
+def revoke_security_groups(aws: Aws, group_ids: list[str]) -> None:
+    """Rules first: the task group's rule names the load balancer's group, so neither deletes while it stands."""
+    ec2 = aws.client("ec2")
+    for gid in group_ids:
+        try:
+            group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+        except ClientError as exc:
+            if error_code(exc) == "InvalidGroup.NotFound":
+                continue
+            raise
+        if group.get("IpPermissions"):
+            ec2.revoke_security_group_ingress(GroupId=gid, IpPermissions=group["IpPermissions"])
+
+
+def delete_all(aws: Aws, stack: str, resources: list[Resource], keep: Iterable[str] = ()) -> list[str]:
+    """Delete in dependency order; returns `kind id` of what was deleted. `keep`: kinds to leave."""
+    unique: dict[tuple[str, str], Resource] = {}
+    for r in resources:
+        if r.kind not in keep:
+            unique.setdefault((r.kind, r.id), r)
+    ordered = sorted(unique.values(), key=lambda r: ORDER.index(r.kind) if r.kind in ORDER else len(ORDER))
+    cluster = _cluster_of(stack, ordered)
+    deleted: list[str] = []
+    groups = [r.id for r in ordered if r.kind == "security-group"]
+    for r in ordered:
+        if r.kind == "security-group" and groups:
+            revoke_security_groups(aws, groups)
+            groups = []
+        if delete_task(aws, stack, r, cluster):
+            deleted.append(f"{r.kind} {r.id}")
+    return deleted

@@ -37,6 +37,13 @@ def test_prefect_deploy_all(tmp_path):
     prefect = [sys.executable, "-m", "prefect"]
     subprocess.run([*prefect, "work-pool", "create", "vllm-local", "--type", "process"], env=env, cwd=REPO,
                    capture_output=True, text=True, timeout=120)
+    ecs_pool = subprocess.run([*prefect, "work-pool", "create", "vllm-ecs", "--type", "ecs", "--base-job-template",
+                               "images/runtime/ecs-base-job-template.json", "--overwrite"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ecs_pool.returncode == 0, ecs_pool.stdout[-2000:] + ecs_pool.stderr[-2000:]
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/vllm-pipeline/runtime@sha256:" + "cd" * 32
+    subprocess.run([*prefect, "variable", "set", "vllm_pipeline_image_runtime", image, "--overwrite"], env=env, cwd=REPO,
+                   capture_output=True, text=True, timeout=120, check=True)
     out = subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -50,3 +57,15 @@ def test_prefect_deploy_all(tmp_path):
     batch = deployments["batch-inference"]
     assert [s.schedule.cron for s in batch.schedules] == ["0 2 * * *"]
     assert deployments["teardown"].parameters == {"stack": "demo"}
+    # the AWS deployments run on the ECS pool, in the flow-runtime image the build recorded
+    ecs = deployments["deploy-model-ecs"]
+    assert ecs.work_pool_name == "vllm-ecs" and ecs.parameters["target"] == "ecs"
+    assert ecs.job_variables["image"] == image
+    assert deployments["pipeline-ecs"].parameters["target"] == "ecs"
+
+    async def pool():
+        async with get_client() as client:
+            return await client.read_work_pool("vllm-ecs")
+
+    props = asyncio.run(pool()).base_job_template["variables"]["properties"]
+    assert props["launch_type"]["default"] == "FARGATE" and props["configure_cloudwatch_logs"]["default"] is True

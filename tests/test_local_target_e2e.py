@@ -17,6 +17,7 @@ from tasks.endpoint import Endpoint
 from tasks.local_runtime import is_our_server
 from tasks.secrets import read_secret
 from tasks.state import ModelRef, load_state
+from tasks.aws import Aws
 from tasks.teardown import leftovers
 from tasks.validation.suite import load_suite, run_case
 
@@ -149,7 +150,7 @@ def test_teardown_leaves_nothing_and_runs_twice(loose_stack):
     pid = state.endpoint.pid
     first = _teardown("e2e-loose")
     assert first.had_state_record and not is_our_server(pid)
-    assert leftovers("e2e-loose") == [] and load_state(ModelStore(), "e2e-loose")[0] is None
+    assert leftovers(Aws(), "e2e-loose") == [] and load_state(ModelStore(), "e2e-loose")[0] is None
     second = _teardown("e2e-loose")
     assert not second.had_state_record and second.left == []
 

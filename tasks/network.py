@@ -1,0 +1,107 @@
+"""Network for the ECS target: the VPC and subnets, and three security groups per stack.
+
+- `<stack>-alb`: the load balancer; ingress only from the configured CIDRs on 80 (or 443).
+- `<stack>-task`: the vLLM tasks (awsvpc: each task has its own ENI); ingress only from the
+  load balancer's group, only on the container port.
+- `<stack>-host`: the GPU instances; no ingress at all (SSM, not SSH, for a shell).
+"""
+
+from __future__ import annotations
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel
+
+from blocks.ecs_capacity import EcsGpuCapacity
+from tasks.aws import Aws, error_code
+from tasks.errors import PipelineInputError
+from tasks.naming import resource_name, tag_list
+
+
+class Network(BaseModel):
+    vpc_id: str
+    subnets: list[str]
+
+
+def resolve_network(aws: Aws, capacity: EcsGpuCapacity) -> Network:
+    """The block's VPC/subnets, checked to exist; or the default VPC and its default subnets."""
+    ec2 = aws.client("ec2")
+    vpc_id = capacity.vpc_id
+    if vpc_id is None:
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise PipelineInputError(f"region {capacity.region} has no default VPC: set vpc_id and subnets in the EcsGpuCapacity block")
+        vpc_id = vpcs[0]["VpcId"]
+    if capacity.subnets:
+        try:
+            found = ec2.describe_subnets(SubnetIds=capacity.subnets)["Subnets"]
+        except ClientError as exc:
+            if error_code(exc).startswith("InvalidSubnet"):
+                raise PipelineInputError(f"EcsGpuCapacity.subnets: {exc.response['Error'].get('Message')}") from None
+            raise
+        other = [s["SubnetId"] for s in found if s["VpcId"] != vpc_id]
+        if other:
+            raise PipelineInputError(f"EcsGpuCapacity.subnets {other} are not in VPC {vpc_id}")
+        subnets = list(capacity.subnets)
+    else:
+        found = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["Subnets"]
+        default = [s for s in found if s.get("DefaultForAz")] or found
+        subnets = [s["SubnetId"] for s in sorted(default, key=lambda s: s["AvailabilityZone"])]
+    azs = {s["AvailabilityZone"] for s in found if s["SubnetId"] in subnets}
+    if len(azs) < 2:
+        raise PipelineInputError(f"a load balancer needs subnets in two availability zones; VPC {vpc_id} gives {sorted(azs)}")
+    return Network(vpc_id=vpc_id, subnets=subnets)
+
+
+def find_security_group(ec2, vpc_id: str, name: str) -> str | None:
+    groups = ec2.describe_security_groups(
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "group-name", "Values": [name]}]
+    )["SecurityGroups"]
+    return groups[0]["GroupId"] if groups else None
+
+
+def ensure_security_group(aws: Aws, stack: str, kind: str, vpc_id: str, description: str) -> tuple[str, bool]:
+    """Get-or-create by name in the VPC; returns (group id, created)."""
+    ec2 = aws.client("ec2")
+    name = resource_name(stack, kind)
+    existing = find_security_group(ec2, vpc_id, name)
+    if existing:
+        return existing, False
+    group_id = ec2.create_security_group(
+        GroupName=name, Description=description, VpcId=vpc_id,
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": [*tag_list(stack), {"Key": "Name", "Value": name}]}],
+    )["GroupId"]
+    return group_id, True
+
+
+def ensure_ingress(aws: Aws, group_id: str, port: int, *, cidrs: list[str] | None = None, source_group: str | None = None) -> None:
+    """Add exactly these TCP rules; a rule that exists already is fine."""
+    perm: dict = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
+    if cidrs:
+        perm["IpRanges"] = [{"CidrIp": c, "Description": "vllm-pipeline ingress_cidrs"} for c in cidrs]
+    if source_group:
+        perm["UserIdGroupPairs"] = [{"GroupId": source_group, "Description": "from the load balancer"}]
+    try:
+        aws.client("ec2").authorize_security_group_ingress(GroupId=group_id, IpPermissions=[perm])
+    except ClientError as exc:
+        if error_code(exc) != "InvalidPermission.Duplicate":
+            raise
+
+
+def delete_security_group(aws: Aws, group_id: str) -> bool:
+    """Revoke its rules first (another group's rules may point at it), then delete."""
+    ec2 = aws.client("ec2")
+    try:
+        group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
+    except ClientError as exc:
+        if error_code(exc) == "InvalidGroup.NotFound":
+            return False
+        raise
+    if group.get("IpPermissions"):
+        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=group["IpPermissions"])
+    try:
+        ec2.delete_security_group(GroupId=group_id)
+    except ClientError as exc:
+        if error_code(exc) == "InvalidGroup.NotFound":
+            return False
+        raise  # DependencyViolation: an ENI (a draining load balancer) still uses it; the task retries
+    return True
