@@ -38,7 +38,9 @@ class EcsGpuCapacity(Block):
     )
     vpc_id: str | None = Field(default=None, description="None uses the default VPC.")
     subnets: list[str] = Field(default_factory=list, description="None/empty uses the VPC's default subnets.")
-    ingress_cidrs: list[str] = Field(default_factory=lambda: ["10.0.0.0/8"], description="Who may reach the load balancer.")
+    ingress_cidrs: list[str] = Field(
+        default_factory=list, description="Who may reach the load balancer; empty: the VPC's own CIDR block."
+    )
     min_capacity: int = Field(default=0, ge=0, le=100)
     max_capacity: int = Field(default=1, ge=1, le=100)
     desired_count: int = Field(default=1, ge=0, le=100)

@@ -1,10 +1,12 @@
 """The vLLM service on ECS: log group, task definition, load balancer, service, and the wait.
 
-Networking is `awsvpc`: each task has its own ENI and the task security group, so the only way
-in is from the load balancer's group on the container port. The target group is of type `ip`
-with a health check on vLLM's `/health`; a slow start and a deregistration delay suited to
-model servers. The service runs with the deployment circuit breaker and rollback on, so a bad
-revision rolls back to the last good one by itself.
+Networking is `bridge` with the container port mapped to the same host port: one vLLM task per
+GPU host (it holds the host's GPUs anyway), reached by an `instance` target group, and the host
+security group admits only the load balancer's group on that port. Not `awsvpc`: a task ENI on
+EC2 never gets a public IP, so in the default VPC (public subnets, no NAT) the task could not
+reach S3 or ECR; in bridge mode it uses the host's network. The target group's health check is
+vLLM's `/health`, with a deregistration delay suited to long generations. The service runs with
+the deployment circuit breaker and rollback on, so a bad revision rolls back by itself.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
         "family": resource_name(stack, "server"),
         "taskRoleArn": task_role,
         "executionRoleArn": execution_role,
-        "networkMode": "awsvpc",
+        "networkMode": "bridge",
         "requiresCompatibilities": ["EC2"],
         "cpu": str(max(256, (vcpus * 1024) - 256)),
         "memory": str(int(memory_gib * 1024 * 0.9)),
@@ -119,7 +121,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
             "name": CONTAINER,
             "image": image_uri,
             "essential": True,
-            "portMappings": [{"containerPort": port, "protocol": "tcp", "name": "http"}],
+            "portMappings": [{"containerPort": port, "hostPort": port, "protocol": "tcp"}],
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(secrets.items())],
             "resourceRequirements": [{"type": "GPU", "value": str(min(settings.tensor_parallel_size, inst.gpus))}],
@@ -216,15 +218,15 @@ def ensure_target_group(aws: Aws, stack: str, capacity: EcsGpuCapacity, vpc_id: 
         if error_code(exc) != "TargetGroupNotFound":
             raise
         arn = elb.create_target_group(
-            Name=name, Protocol="HTTP", Port=capacity.container_port, VpcId=vpc_id, TargetType="ip",
-            HealthCheckProtocol="HTTP", HealthCheckPath="/health", HealthCheckIntervalSeconds=15,
+            Name=name, Protocol="HTTP", Port=capacity.container_port, VpcId=vpc_id, TargetType="instance",
+            HealthCheckProtocol="HTTP", HealthCheckPath="/health", HealthCheckIntervalSeconds=15, HealthCheckPort="traffic-port",
             HealthCheckTimeoutSeconds=5, HealthyThresholdCount=2, UnhealthyThresholdCount=5,
             Matcher={"HttpCode": "200"}, Tags=tag_list(stack),
         )["TargetGroups"][0]["TargetGroupArn"]
         created = True
+    # Least outstanding requests suits uneven generation lengths; AWS refuses it together with slow start.
     elb.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
         {"Key": "deregistration_delay.timeout_seconds", "Value": str(capacity.deregistration_delay_s)},
-        {"Key": "slow_start.duration_seconds", "Value": "60"},
         {"Key": "load_balancing.algorithm.type", "Value": "least_outstanding_requests"}])
     return arn, created
 
@@ -270,26 +272,32 @@ def delete_target_group(aws: Aws, arn: str) -> bool:
 # --------------------------------------------------------------------------------------------- service
 
 
-def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: EcsGpuCapacity, subnets: list[str],
-                   task_sg: str, tg_arn: str, capacity_provider: str | None) -> tuple[str, bool]:
+def deployment_configuration(capacity: EcsGpuCapacity) -> dict:
+    """Rolling updates start the new task before stopping the old one only when the Auto Scaling
+    group may add a host for it; at max_capacity == desired_count (one GPU host) that would wait
+    forever, so the old task stops first (a short outage instead of a deadlock)."""
+    spare = capacity.max_capacity > capacity.desired_count
+    return {"deploymentCircuitBreaker": {"enable": True, "rollback": True},
+            "maximumPercent": 200 if spare else 100, "minimumHealthyPercent": 100 if spare else 0}
+
+
+def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: EcsGpuCapacity, tg_arn: str,
+                   capacity_provider: str | None) -> tuple[str, bool]:
     """Create the service, or update it in place to the new task definition (a rolling deployment)."""
     ecs = aws.client("ecs")
     name = resource_name(stack, "service")
     found = [s for s in ecs.describe_services(cluster=cluster, services=[name])["services"] if s["status"] == "ACTIVE"]
-    network = {"awsvpcConfiguration": {"subnets": subnets, "securityGroups": [task_sg], "assignPublicIp": "DISABLED"}}
-    deployment = {"deploymentCircuitBreaker": {"enable": True, "rollback": True},
-                  "maximumPercent": 200, "minimumHealthyPercent": 100}
+    deployment = deployment_configuration(capacity)
     strategy = [{"capacityProvider": capacity_provider, "weight": 1, "base": 0}] if capacity_provider else None
     if found:
         if found[0]["taskDefinition"] != task_def or found[0]["desiredCount"] != capacity.desired_count:
             ecs.update_service(cluster=cluster, service=name, taskDefinition=task_def, desiredCount=capacity.desired_count,
-                               deploymentConfiguration=deployment, networkConfiguration=network,
-                               healthCheckGracePeriodSeconds=capacity.health_check_grace_s)
+                               deploymentConfiguration=deployment, healthCheckGracePeriodSeconds=capacity.health_check_grace_s)
         return found[0]["serviceArn"], False
     kwargs = {"capacityProviderStrategy": strategy} if strategy else {}
     arn = ecs.create_service(
         cluster=cluster, serviceName=name, taskDefinition=task_def, desiredCount=capacity.desired_count,
-        deploymentConfiguration=deployment, networkConfiguration=network,
+        deploymentConfiguration=deployment,
         loadBalancers=[{"targetGroupArn": tg_arn, "containerName": CONTAINER, "containerPort": capacity.container_port}],
         healthCheckGracePeriodSeconds=capacity.health_check_grace_s, schedulingStrategy="REPLICA",
         tags=tag_list(stack, "key", "value"), propagateTags="SERVICE", enableECSManagedTags=True, **kwargs,

@@ -66,13 +66,11 @@ def deploy_ecs(
     partition, account = aws.partition(), aws.account()
 
     net = step("resolve-network", network.resolve_network, aws, capacity)
+    step("ecs-service-linked-role", iam.ensure_service_linked_role, aws, "ecs.amazonaws.com")
     alb_sg = rec.keep("security-group", *step("security-group-alb", network.ensure_security_group, aws, stack, "alb",
                                                 net.vpc_id, f"vllm-pipeline {stack}: load balancer"))
-    task_sg = rec.keep("security-group", *step("security-group-task", network.ensure_security_group, aws, stack, "task",
-                                                 net.vpc_id, f"vllm-pipeline {stack}: vLLM tasks"))
     lb_port = 443 if capacity.certificate_arn else 80
-    step("ingress-alb", network.ensure_ingress, aws, alb_sg, lb_port, cidrs=capacity.ingress_cidrs)
-    step("ingress-task", network.ensure_ingress, aws, task_sg, capacity.container_port, source_group=alb_sg)
+    step("ingress-alb", network.ensure_ingress, aws, alb_sg, lb_port, cidrs=capacity.ingress_cidrs or [net.cidr])
 
     api_key_arn = _keep_secret(rec, aws, stack, "api-key", settings.api_key)
     secrets = {"VLLM_API_KEY": api_key_arn}
@@ -95,11 +93,14 @@ def deploy_ecs(
         found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"]
         if not found or found[0]["status"] != "ACTIVE":
             raise PipelineInputError(f"EcsGpuCapacity.cluster {cluster!r} does not exist in {capacity.region}")
+        logger.warning("existing cluster %r: its GPU hosts' security group must admit %s on port %d", cluster, alb_sg,
+                       capacity.container_port)
     else:
         cluster_arn, made = step("cluster", gpu_hosts.ensure_cluster, aws, stack)
         cluster = rec.keep("cluster", resource_name(stack, "cluster"), made)
         host_sg = rec.keep("security-group", *step("security-group-host", network.ensure_security_group, aws, stack,
                                                      "host", net.vpc_id, f"vllm-pipeline {stack}: GPU hosts"))
+        step("ingress-host", network.ensure_ingress, aws, host_sg, capacity.container_port, source_group=alb_sg)
         _, made = step("role-instance", iam.ensure_role, aws, stack, "instance", "ec2.amazonaws.com",
                        iam.instance_policy(cluster_arn, partition, capacity.region, account))
         rec.keep("iam-role", resource_name(stack, "instance"), made)
@@ -127,8 +128,7 @@ def deploy_ecs(
     rec.keep("listener", *step("listener", svc.ensure_listener, aws, stack, capacity, lb["LoadBalancerArn"], tg_arn))
 
     before = _service_task_definition(aws, cluster, stack)
-    svc_arn, made = step("service", svc.ensure_service, aws, stack, cluster, td_arn, capacity, net.subnets, task_sg,
-                         tg_arn, provider)
+    svc_arn, made = step("service", svc.ensure_service, aws, stack, cluster, td_arn, capacity, tg_arn, provider)
     rec.keep("service", f"{cluster}/{resource_name(stack, 'service')}", made)
     if before and before != td_arn:
         rec.created.append(Resource(kind="service-revision", id=before, region=capacity.region))

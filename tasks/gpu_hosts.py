@@ -24,10 +24,10 @@ USER_DATA = """#!/bin/bash
 cat >> /etc/ecs/ecs.config <<'CONF'
 ECS_CLUSTER={cluster}
 ECS_ENABLE_GPU_SUPPORT=true
+ECS_ENABLE_TASK_IAM_ROLE=true
 ECS_ENABLE_CONTAINER_METADATA=true
 ECS_CONTAINER_STOP_TIMEOUT=120s
 ECS_IMAGE_PULL_BEHAVIOR=prefer-cached
-ECS_AWSVPC_BLOCK_IMDS=true
 CONF
 """
 
@@ -57,7 +57,9 @@ def launch_template_data(capacity: EcsGpuCapacity, ami: str, cluster: str, profi
         "IamInstanceProfile": {"Arn": profile_arn},
         "SecurityGroupIds": [host_sg],
         "UserData": base64.b64encode(USER_DATA.format(cluster=cluster).encode()).decode(),
-        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "HttpEndpoint": "enabled"},
+        # Hop limit 1: containers (bridge mode, one hop away) cannot reach the instance role's
+        # credentials; the task role reaches them through the ECS agent instead.
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
         "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {
             "VolumeSize": capacity.root_volume_gib, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}}],
         "Monitoring": {"Enabled": True},
@@ -158,7 +160,25 @@ def ensure_capacity_provider(aws: Aws, stack: str, asg_arn: str, cluster: str) -
             cluster=cluster, capacityProviders=[*have, name],
             defaultCapacityProviderStrategy=[{"capacityProvider": name, "weight": 1, "base": 0}],
         )
+        wait_for_attachments(ecs, cluster)
     return arn, created
+
+
+def wait_for_attachments(ecs, cluster: str, timeout_s: float = 300) -> None:
+    """put_cluster_capacity_providers finishes asynchronously: a service created (or a provider
+    deleted) before the cluster's attachments settle is refused."""
+    deadline, delay = time.monotonic() + timeout_s, 2.0
+    while True:
+        found = ecs.describe_clusters(clusters=[cluster], include=["ATTACHMENTS"])["clusters"]
+        status = found[0].get("attachmentsStatus", "UPDATE_COMPLETE") if found else "UPDATE_COMPLETE"
+        if status in ("UPDATE_COMPLETE", "UPDATE_FAILED"):
+            if status == "UPDATE_FAILED":
+                raise RuntimeError(f"cluster {cluster}: capacity provider attachment failed")
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster {cluster}: capacity provider attachment still {status} after {timeout_s:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 15)
 
 
 # -------------------------------------------------------------------------------------------- deletes
@@ -174,6 +194,7 @@ def delete_capacity_provider(aws: Aws, name: str, cluster: str | None) -> bool:
                     cluster=cluster, capacityProviders=[c for c in found[0]["capacityProviders"] if c != name],
                     defaultCapacityProviderStrategy=[],
                 )
+                wait_for_attachments(ecs, cluster)
         except ClientError as exc:
             if error_code(exc) not in ("ClusterNotFoundException",):
                 raise
@@ -200,8 +221,7 @@ def delete_auto_scaling_group(aws: Aws, name: str, timeout_s: float = 900) -> bo
     except ClientError as exc:
         if error_code(exc) == "ValidationError" and "not found" in str(exc).lower():
             return False
-        if error_code(exc) != "ScalingActivityInProgress":
-            raise
+        raise  # ScalingActivityInProgress / ResourceInUse: the delete task retries
     deadline = time.monotonic() + timeout_s
     delay = 2.0
     while asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]:

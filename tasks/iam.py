@@ -89,6 +89,22 @@ def instance_policy(cluster_arn: str, partition: str, region: str, account: str)
     )
 
 
+def ensure_service_linked_role(aws: Aws, service: str) -> bool:
+    """ECS needs its service-linked role before the first capacity provider or service in an
+    account; AWS makes it on some first uses but not on all. True when this call created it.
+    Account-wide and shared: never tagged, never deleted by teardown."""
+    iam = aws.client("iam")
+    if iam.list_roles(PathPrefix=f"/aws-service-role/{service}/")["Roles"]:
+        return False
+    try:
+        iam.create_service_linked_role(AWSServiceName=service)
+    except ClientError as exc:
+        if (error_code(exc) == "InvalidInput" and "taken" in str(exc)) or error_code(exc) == "EntityAlreadyExists":
+            return False  # exists already (AWS says "has been taken"; moto, naming it differently, "already exists")
+        raise
+    return True
+
+
 def ensure_role(aws: Aws, stack: str, kind: str, service: str, policy: str) -> tuple[str, bool]:
     """Get-or-create the role, then put its inline policy (idempotent: a changed policy is replaced)."""
     iam = aws.client("iam")

@@ -1,12 +1,15 @@
-"""Network for the ECS target: the VPC and subnets, and three security groups per stack.
+"""Network for the ECS target: the VPC and subnets, and two security groups per stack.
 
-- `<stack>-alb`: the load balancer; ingress only from the configured CIDRs on 80 (or 443).
-- `<stack>-task`: the vLLM tasks (awsvpc: each task has its own ENI); ingress only from the
-  load balancer's group, only on the container port.
-- `<stack>-host`: the GPU instances; no ingress at all (SSM, not SSH, for a shell).
+- `<stack>-alb`: the load balancer; ingress only from the configured CIDRs (default: the VPC's
+  own CIDR) on 80 (or 443).
+- `<stack>-host`: the GPU instances, where the vLLM container's port is mapped (bridge mode);
+  ingress only from the load balancer's group, only on the container port. No SSH: Session
+  Manager gives a shell.
 """
 
 from __future__ import annotations
+
+import time
 
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
@@ -19,6 +22,7 @@ from tasks.naming import resource_name, tag_list
 
 class Network(BaseModel):
     vpc_id: str
+    cidr: str
     subnets: list[str]
 
 
@@ -49,7 +53,8 @@ def resolve_network(aws: Aws, capacity: EcsGpuCapacity) -> Network:
     azs = {s["AvailabilityZone"] for s in found if s["SubnetId"] in subnets}
     if len(azs) < 2:
         raise PipelineInputError(f"a load balancer needs subnets in two availability zones; VPC {vpc_id} gives {sorted(azs)}")
-    return Network(vpc_id=vpc_id, subnets=subnets)
+    cidr = ec2.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["CidrBlock"]
+    return Network(vpc_id=vpc_id, cidr=cidr, subnets=subnets)
 
 
 def find_security_group(ec2, vpc_id: str, name: str) -> str | None:
@@ -87,6 +92,17 @@ def ensure_ingress(aws: Aws, group_id: str, port: int, *, cidrs: list[str] | Non
             raise
 
 
+def wait_for_enis_released(ec2, group_id: str, timeout_s: float = 900) -> None:
+    """A deleted load balancer and terminated hosts release their network interfaces minutes later;
+    until then the group cannot be deleted (DependencyViolation)."""
+    deadline, delay = time.monotonic() + timeout_s, 5.0
+    while ec2.describe_network_interfaces(Filters=[{"Name": "group-id", "Values": [group_id]}])["NetworkInterfaces"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"security group {group_id}: network interfaces still attached after {timeout_s:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 30)
+
+
 def delete_security_group(aws: Aws, group_id: str) -> bool:
     """Revoke its rules first (another group's rules may point at it), then delete."""
     ec2 = aws.client("ec2")
@@ -98,6 +114,7 @@ def delete_security_group(aws: Aws, group_id: str) -> bool:
         raise
     if group.get("IpPermissions"):
         ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=group["IpPermissions"])
+    wait_for_enis_released(ec2, group_id)
     try:
         ec2.delete_security_group(GroupId=group_id)
     except ClientError as exc:

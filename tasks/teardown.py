@@ -104,10 +104,36 @@ def _has_tag(tags: Iterable[dict], stack: str, key: str = "Key", value: str = "V
     return any(t.get(key) == TAG_STACK and t.get(value) == stack for t in tags or [])
 
 
+# Kinds the scan lists from their own service, live state only; for these a tagging-API hit (which
+# may be a resource deleted minutes ago: "tagged or previously tagged") is not evidence.
+LISTED = frozenset({"secret", "iam-role", "instance-profile", "asg", "launch-template", "security-group", "instance",
+                    "capacity-provider", "task-definition", "log-group"})
+
+
 def _still_there(aws: Aws, r: Resource) -> bool:
-    """The tagging index also returns recently deleted ECS clusters, services and task definitions
-    ("tagged or previously tagged"): ECS itself says whether they are still there."""
+    """Whether a tagging-API hit still exists: ECS and ELB say so themselves."""
     ecs = aws.client("ecs")
+    if r.kind == "ecs-task":
+        cluster, _, task_id = r.id.rpartition("/")
+        try:
+            tasks = ecs.describe_tasks(cluster=cluster, tasks=[task_id]).get("tasks", [])
+        except ClientError as exc:
+            if error_code(exc) in ("ClusterNotFoundException", "InvalidParameterException"):
+                return False
+            raise
+        return any(t.get("lastStatus") != "STOPPED" for t in tasks)
+    if r.kind in ("load-balancer", "target-group", "listener"):
+        elb = aws.client("elbv2")
+        call = {"load-balancer": lambda: elb.describe_load_balancers(LoadBalancerArns=[r.id]),
+                "target-group": lambda: elb.describe_target_groups(TargetGroupArns=[r.id]),
+                "listener": lambda: elb.describe_listeners(ListenerArns=[r.id])}[r.kind]
+        try:
+            call()
+        except ClientError as exc:
+            if error_code(exc) in ("LoadBalancerNotFound", "TargetGroupNotFound", "ListenerNotFound"):
+                return False
+            raise
+        return True
     if r.kind == "cluster":
         return any(c["status"] != "INACTIVE" for c in ecs.describe_clusters(clusters=[r.id])["clusters"])
     if r.kind == "service":
@@ -118,9 +144,6 @@ def _still_there(aws: Aws, r: Resource) -> bool:
             if error_code(exc) == "ClusterNotFoundException":
                 return False
             raise
-    if r.kind == "task-definition":
-        pages = ecs.get_paginator("list_task_definitions").paginate(familyPrefix=r.id, status="ACTIVE")
-        return any(a.rsplit("/", 1)[-1].rsplit(":", 1)[0] == r.id for p in pages for a in p["taskDefinitionArns"])
     return True
 
 
@@ -141,7 +164,7 @@ def scan(aws: Aws, stack: str) -> tuple[list[Resource], list[str]]:
                 r = kind_of_arn(m["ResourceARN"])
                 if r is None and ":volume/" not in m["ResourceARN"]:
                     unknown.append(m["ResourceARN"])
-                elif r is not None and r.kind != "secret" and _still_there(aws, r):
+                elif r is not None and r.kind not in LISTED and _still_there(aws, r):
                     add(r)
     except ClientError as exc:  # not in every partition
         get_run_logger().warning("tagging API scan skipped: %s", exc)
@@ -302,11 +325,21 @@ def delete_all(aws: Aws, stack: str, resources: list[Resource], keep: Iterable[s
     ordered = sorted(unique.values(), key=lambda r: ORDER.index(r.kind) if r.kind in ORDER else len(ORDER))
     cluster = _cluster_of(stack, ordered)
     deleted: list[str] = []
+    failed: list[str] = []
     groups = [r.id for r in ordered if r.kind == "security-group"]
     for r in ordered:
-        if r.kind == "security-group" and groups:
-            revoke_security_groups(aws, groups)
-            groups = []
-        if delete_task(aws, stack, r, cluster):
-            deleted.append(f"{r.kind} {r.id}")
+        try:
+            if r.kind == "security-group" and groups:
+                revoke_security_groups(aws, groups)
+                groups = []
+            if delete_task(aws, stack, r, cluster):
+                deleted.append(f"{r.kind} {r.id}")
+        except Exception as exc:  # noqa: BLE001 - one stuck resource must not leave the rest billing
+            failed.append(f"{r.kind} {r.id}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+    if failed:
+        raise TeardownIncomplete(f"deleted {len(deleted)}, could not delete {len(failed)} (run teardown again): {failed}")
     return deleted
+
+
+class TeardownIncomplete(RuntimeError):
+    """Some deletes failed after their retries; everything else was still deleted."""

@@ -99,7 +99,7 @@ def test_ecs_gpu_capacity_defaults_are_valid():
     assert capacity.min_capacity <= capacity.max_capacity
     assert capacity.on_demand_base <= capacity.max_capacity
     assert capacity.subnets == [] and capacity.vpc_id is None and capacity.cluster is None
-    assert capacity.ingress_cidrs == ["10.0.0.0/8"]
+    assert capacity.ingress_cidrs == []  # the VPC's own CIDR
     assert capacity.price_overrides == {}
 
 

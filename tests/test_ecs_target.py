@@ -173,7 +173,7 @@ def test_deploy_shapes_idempotent_redeploy_and_teardown(store, small_model, monk
     state, _ = load_state(store, stack)
     assert state.status == "failed" and state.settings["instance_type"] == "g4dn.xlarge"  # the planner's choice
     kinds = Counter(r.kind for r in state.resources)
-    assert kinds == {"security-group": 3, "secret": 2, "log-group": 1, "iam-role": 3, "instance-profile": 1, "cluster": 1,
+    assert kinds == {"security-group": 2, "secret": 2, "log-group": 1, "iam-role": 3, "instance-profile": 1, "cluster": 1,
                      "launch-template": 1, "asg": 1, "capacity-provider": 1, "task-definition": 1, "load-balancer": 1,
                      "target-group": 1, "listener": 1, "service": 1}
     aws = Aws(region="us-east-1")
@@ -184,7 +184,8 @@ def test_deploy_shapes_idempotent_redeploy_and_teardown(store, small_model, monk
     assert c["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
     assert {"name": "memlock", "softLimit": -1, "hardLimit": -1} in c["ulimits"]
     assert c["linuxParameters"]["sharedMemorySize"] == 8192 and c["healthCheck"]["command"][0] == "CMD-SHELL"
-    assert c["image"] == IMAGE and td["taskDefinition"]["networkMode"] == "awsvpc"
+    assert c["image"] == IMAGE and td["taskDefinition"]["networkMode"] == "bridge"
+    assert c["portMappings"] == [{"containerPort": 8000, "hostPort": 8000, "protocol": "tcp"}]
     env = {e["name"]: e["value"] for e in c["environment"]}
     assert [s["name"] for s in c["secrets"]] == ["HF_TOKEN", "VLLM_API_KEY"]
     assert all(s["valueFrom"].startswith("arn:aws:secretsmanager:") for s in c["secrets"])
@@ -193,25 +194,30 @@ def test_deploy_shapes_idempotent_redeploy_and_teardown(store, small_model, monk
     assert _tags_ok(td["tags"], stack, "key", "value")
 
     groups = {g["GroupName"]: g for g in ec2.describe_security_groups(Filters=[{"Name": f"tag:{TAG_STACK}", "Values": [stack]}])["SecurityGroups"]}
-    alb, task_sg, host = groups["vllm-shapes-alb"], groups["vllm-shapes-task"], groups["vllm-shapes-host"]
+    alb, host = groups["vllm-shapes-alb"], groups["vllm-shapes-host"]
     assert [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in alb["IpPermissions"]] == [(80, ["10.1.0.0/16"])]
-    assert [(p["FromPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"]) for p in task_sg["IpPermissions"]] \
-        == [(8000, [alb["GroupId"]], [])]
-    assert host["IpPermissions"] == []
+    # the hosts (bridge mode: the container port is on the host) admit only the load balancer, only on 8000
+    assert [(p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"])
+            for p in host["IpPermissions"]] == [(8000, 8000, [alb["GroupId"]], [])]
 
     svc = ecs.describe_services(cluster=resource_name(stack, "cluster"), services=[resource_name(stack, "service")],
                                 include=["TAGS"])["services"][0]
     sent = first.params["CreateService"][0]  # moto does not echo deploymentConfiguration: check the request
     assert sent["deploymentConfiguration"]["deploymentCircuitBreaker"] == {"enable": True, "rollback": True}
     assert sent["healthCheckGracePeriodSeconds"] == 900
-    assert sent["networkConfiguration"]["awsvpcConfiguration"]["securityGroups"] == [task_sg["GroupId"]]
+    assert (sent["deploymentConfiguration"]["maximumPercent"], sent["deploymentConfiguration"]["minimumHealthyPercent"]) \
+        == (100, 0)  # one GPU host allowed: the old task stops first instead of waiting forever for a second host
     asg_sent = first.params["CreateAutoScalingGroup"][0]
     assert asg_sent["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"] == [{"InstanceType": "g4dn.xlarge"}]
     lt_sent = first.params["CreateLaunchTemplate"][0]["LaunchTemplateData"]
     assert lt_sent["ImageId"].startswith("ami-") and lt_sent["MetadataOptions"]["HttpTokens"] == "required"
+    assert lt_sent["MetadataOptions"]["HttpPutResponseHopLimit"] == 1 and lt_sent["SecurityGroupIds"] == [host["GroupId"]]
     assert svc["loadBalancers"][0]["containerPort"] == 8000 and _tags_ok(svc["tags"], stack, "key", "value")
     tg = elb.describe_target_groups(Names=["vllm-shapes-tg"])["TargetGroups"][0]
-    assert tg["HealthCheckPath"] == "/health" and tg["TargetType"] == "ip"
+    assert tg["HealthCheckPath"] == "/health" and tg["TargetType"] == "instance"
+    attrs = {a["Key"]: a["Value"] for a in elb.describe_target_group_attributes(TargetGroupArn=tg["TargetGroupArn"])["Attributes"]}
+    assert attrs["load_balancing.algorithm.type"] == "least_outstanding_requests"
+    assert attrs.get("slow_start.duration_seconds", "0") == "0"  # AWS refuses slow start with least outstanding requests
     lb = elb.describe_load_balancers(Names=["vllm-shapes-alb"])["LoadBalancers"][0]
     assert lb["Scheme"] == "internal"
     assert _tags_ok(aws.client("autoscaling").describe_auto_scaling_groups(
@@ -248,8 +254,11 @@ def test_failed_wait_rolls_back_to_nothing_and_names_the_cause(store, small_mode
     README gives for the flow runner (images/runtime/runner-iam-policy.json)."""
     with recorded(monkeypatch) as log:
         with pytest.raises(DeployTimeout, match="not ready after .* no container instance has joined"):
-            run_deploy("timeout", store, small_model)
+            run_deploy("timeout", store, small_model, EcsGpuCapacity())
     assert nothing_left("timeout") and load_state(store, "timeout")[0] is None
+    vpc_cidr = aws_client("ec2").describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["CidrBlock"]
+    alb_rule = log.params["AuthorizeSecurityGroupIngress"][0]["IpPermissions"][0]
+    assert [r["CidrIp"] for r in alb_rule["IpRanges"]] == [vpc_cidr]  # default ingress: the VPC itself, not the world
     policy = json.loads((REPO / "images" / "runtime" / "runner-iam-policy.json").read_text())
     allowed = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
     used = {IAM_ACTION.get(op) or f"{PREFIX.get(svc, svc)}:{op}" for svc, op in log.ops}
