@@ -17,7 +17,6 @@ import itertools
 import time
 from typing import Literal
 
-import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -29,6 +28,7 @@ from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from embedded.model_kit import cache_root
 from tasks.aws import aws_client
+from tasks.endpoint import Endpoint, EndpointError
 from tasks.batch import (
     BatchSettings, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input, run_online,
     split_s3, write_shard,
@@ -96,10 +96,12 @@ def _endpoint_resolver(store: ModelStore, stack: str | None, url: str | None, ke
 
 @task(name="check-endpoint", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def check_endpoint(url: str, key: str) -> None:
+    """/v1/models answers with the key; a 429/5xx or a reset is retried first (tasks/endpoint.py)."""
     try:
-        resp = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
-    except httpx.TransportError as exc:
-        raise PipelineInputError(f"batch endpoint {url} is unreachable ({type(exc).__name__}): is the stack deployed?") from None
+        with Endpoint(url, key, "", timeout=10) as ep:
+            resp = ep.get("/v1/models")
+    except EndpointError as exc:
+        raise PipelineInputError(f"batch endpoint {url} is unreachable ({str(exc)[-120:]}): is the stack deployed?") from None
     if resp.status_code != 200:
         raise PipelineInputError(f"batch endpoint {url} answered /v1/models with HTTP {resp.status_code}")
 

@@ -8,6 +8,7 @@ import re
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from blocks.catalogue import gpu_instances
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
 from blocks.model_source import ModelSource
@@ -41,6 +42,11 @@ def plan_capacity(
     it) and the EcsGpuCapacity block's price overrides. `concurrency`: full-length sequences that must fit
     at once (default 1, what vLLM needs to start). `instance_types` narrows the catalogue. Writes a markdown
     artifact; when nothing fits, raises PipelineInputError naming what to change."""
+    if concurrency is not None and concurrency < 1:
+        raise PipelineInputError(f"concurrency must be at least 1, not {concurrency}")
+    unknown = sorted(set(instance_types or []) - set(gpu_instances()))
+    if unknown:
+        raise PipelineInputError(f"instance_types: not in the catalogue (blocks/gpu_instances.yaml): {unknown}")
     store = load_config(ModelStore, model_store_block)
     settings = load_config(VllmServerSettings, server_settings_block, max_model_len=max_model_len, quantization=quantization)
     capacity = load_config(EcsGpuCapacity, capacity_block)

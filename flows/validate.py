@@ -33,6 +33,7 @@ class ValidationReport(BaseModel):
     checks: list[CheckResult]
     cases: list[CaseResult]
     matrix: dict[str, str]  # "category/mode" -> "passed/total"
+    retries: int = 0  # transient endpoint failures (429/502/503/504, resets) retried during the run
 
 
 def validate_endpoint(
@@ -64,10 +65,12 @@ def validate_endpoint(
             samples.extend(s)
             checks.append(latency_summary(samples, thresholds))
         except EndpointError as exc:
-            raise ValidationFailed(f"endpoint {url} stopped answering during validation: {exc}") from None
+            raise ValidationFailed(f"endpoint {url} stopped answering during validation "
+                                   f"({ep.retries} transient failures retried): {exc}") from None
+        retries = ep.retries
     cells = {f"{c}/{m}": f"{p}/{t}" for (c, m), (p, t) in sorted(matrix(cases).items())}
     report = ValidationReport(endpoint=url, served_model_name=served_model_name, passed=all(c.passed for c in checks),
-                              checks=checks, cases=cases, matrix=cells)
+                              checks=checks, cases=cases, matrix=cells, retries=retries)
     _artifacts(report, gate_profile, artifact_key)
     if not report.passed:
         failed = [f"{c.name} ({'; '.join(c.problems)})" for c in checks if not c.passed]
@@ -85,6 +88,7 @@ def _artifacts(report: ValidationReport, gate, key: str) -> None:
     )
     modes = ["auto", "required", "named", "none"]
     lines = [f"# Validation of `{report.served_model_name}` at {report.endpoint}: {'PASSED' if report.passed else 'FAILED'}", "",
+             f"Transient endpoint failures retried (429/502/503/504, resets): {report.retries}", "",
              "| check | result | seconds | details |", "|---|---|---:|---|"]
     for c in report.checks:
         detail = "; ".join(c.problems) if c.problems else ", ".join(f"{k}={v}" for k, v in c.details.items() if k != "models")

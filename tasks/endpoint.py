@@ -39,12 +39,30 @@ class EndpointError(RuntimeError):
     """The endpoint cannot be reached or answered in a way no check can use."""
 
 
+# A load balancer in front of vLLM answers these while a target drains, restarts or sheds load; a reset
+# connection is the same story. They say nothing about the model: retried, counted, reported.
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
 class Endpoint:
-    def __init__(self, url: str, api_key: str, model: str, timeout: float = 180):
+    def __init__(self, url: str, api_key: str, model: str, timeout: float = 180, attempts: int = 4,
+                 backoff_s: float = 0.5):
         self.url = url.rstrip("/")
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10))
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.retries = 0  # transient failures retried (429/502/503/504, resets), for the report
+        self.attempt_started = time.perf_counter()
+
+    def _retry(self, attempt: int, what: str) -> bool:
+        """True (after a back-off) when another attempt is allowed."""
+        if attempt + 1 >= self.attempts:
+            return False
+        self.retries += 1
+        time.sleep(self.backoff_s * 2 ** attempt)
+        return True
 
     def close(self) -> None:
         self._http.close()
@@ -55,17 +73,25 @@ class Endpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.attempts):
+            self.attempt_started = time.perf_counter()  # latency is the successful attempt's, not the back-offs'
+            try:
+                resp = self._http.request(method, self.url + path, **kwargs)
+            except httpx.TransportError as exc:
+                if self._retry(attempt, path):
+                    continue
+                raise EndpointError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+            if resp.status_code in RETRY_STATUS and self._retry(attempt, path):
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
     def get(self, path: str, auth: bool = True) -> httpx.Response:
-        try:
-            return self._http.get(self.url + path, headers=self._headers if auth else {})
-        except httpx.TransportError as exc:
-            raise EndpointError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+        return self._request("GET", path, headers=self._headers if auth else {})
 
     def post_raw(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
-        try:
-            return self._http.post(self.url + path, json=body, headers=headers or self._headers)
-        except httpx.TransportError as exc:
-            raise EndpointError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+        return self._request("POST", path, json=body, headers=headers or self._headers)
 
     def chat(self, body: dict, stream: bool = False) -> Reply:
         body = {"model": self.model, **body}
@@ -76,9 +102,8 @@ class Endpoint:
         return self._stream("/v1/completions", body) if stream else self._once("/v1/completions", body)
 
     def _once(self, path: str, body: dict) -> Reply:
-        started = time.perf_counter()
         resp = self.post_raw(path, body)
-        e2e = time.perf_counter() - started
+        e2e = time.perf_counter() - self.attempt_started
         data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {"text": resp.text}
         reply = Reply(status=resp.status_code, body=data, e2e=e2e, usage=data.get("usage"))
         if resp.status_code == 200 and data.get("choices"):
@@ -93,6 +118,21 @@ class Endpoint:
         return reply
 
     def _stream(self, path: str, body: dict) -> Reply:
+        """One streamed request; a broken stream or a 502/503/504 is retried from the start (the
+        timings are the successful attempt's)."""
+        for attempt in range(self.attempts):
+            try:
+                reply = self._stream_once(path, body)
+            except EndpointError:
+                if self._retry(attempt, path):
+                    continue
+                raise
+            if reply.status in RETRY_STATUS and self._retry(attempt, path):
+                continue
+            return reply
+        raise AssertionError("unreachable")
+
+    def _stream_once(self, path: str, body: dict) -> Reply:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         reply = Reply(status=0, body={})

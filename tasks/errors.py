@@ -8,8 +8,19 @@ import urllib3
 from tasks.aws import is_transient_aws_error
 
 
+MAX_MESSAGE = 400
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """A message that quotes a hostile value (5,000 characters of repo id) stays readable."""
+    return text if len(text) <= limit else f"{text[: limit * 2 // 3]} … {text[-(limit // 3 - 3):]}"
+
+
 class PipelineInputError(ValueError):
     """Bad input or configuration the user must fix; never retried. One line, names the culprit."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(clip(" ".join(str(message).split())))
 
 
 class TransientHttpError(RuntimeError):

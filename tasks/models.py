@@ -6,7 +6,7 @@ from prefect import task
 
 from blocks.model_store import ModelStore
 from tasks.errors import PipelineInputError, retry_if_transient
-from tasks.s3 import MANIFEST, Manifest, read_manifest, s3_client, split_s3
+from tasks.s3 import MANIFEST, Manifest, read_manifest, require_bucket, s3_client, split_s3
 from tasks.state import ModelRef
 
 
@@ -16,6 +16,7 @@ def find_staged_model(store: ModelStore, repo_id: str | None = None, model_uri: 
     if model_uri:
         bucket, prefix = split_s3(model_uri)
         prefix = prefix.strip("/")
+        require_bucket(s3, bucket)
         manifest = read_manifest(s3, bucket, prefix)
         if manifest is None:
             raise PipelineInputError(f"{model_uri} has no {MANIFEST}: stage the model first (stage-model flow)")
@@ -23,6 +24,7 @@ def find_staged_model(store: ModelStore, repo_id: str | None = None, model_uri: 
     if not repo_id:
         raise PipelineInputError("give model_uri or repo_id to say which staged model to deploy")
     base = "/".join(p for p in (store.bucket_folder, repo_id) if p)
+    require_bucket(s3, store.bucket_name)
     newest: tuple[str, Manifest, str] | None = None
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket_name, Prefix=base + "/"):
         for obj in page.get("Contents", []):

@@ -54,12 +54,17 @@ def require_bucket(s3, bucket: str) -> None:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """(bucket, key) of an s3:// URI; refuses anything else and '..' segments before any call."""
-    if not uri.startswith("s3://") or "/" not in uri[5:] or not uri[5:].partition("/")[0]:
-        raise PipelineInputError(f"{uri!r} is not an s3://bucket/key URI")
+    """(bucket, key) of an s3:// URI; refuses anything else, '..' segments, control characters and
+    keys longer than S3 allows, before any call."""
+    if not isinstance(uri, str) or not uri.startswith("s3://") or "/" not in uri[5:] or not uri[5:].partition("/")[0]:
+        raise PipelineInputError(f"{str(uri)[:200]!r} is not an s3://bucket/key URI")
     bucket, _, key = uri[5:].partition("/")
     if ".." in key.split("/"):
-        raise PipelineInputError(f"{uri!r} contains '..'")
+        raise PipelineInputError(f"{uri[:200]!r} contains '..'")
+    if len(key.encode()) > 1024 or len(bucket) > 63:
+        raise PipelineInputError(f"{uri[:80]!r}...: S3 bucket names stop at 63 characters and keys at 1024 bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise PipelineInputError(f"{uri[:200]!r} contains control characters")
     return bucket, key
 
 
