@@ -50,7 +50,7 @@ def test_finalize_keeps_each_line_once_and_refuses_gaps(local_aws, bucket):
         finalize(s3, bucket, "out", {1, 2, 3})
     merged = finalize(s3, bucket, "out", {1, 2})
     assert (merged.ok, merged.failed, merged.prompt_tokens, merged.completion_tokens) == (1, 1, 3, 2)
-    out = s3.get_object(Bucket=bucket, Key="out/output.jsonl")["Body"].read().decode().splitlines()
+    out = [x for x in s3.get_object(Bucket=bucket, Key="out/output.jsonl")["Body"].read().decode().split("\n") if x]
     assert [json.loads(x)["custom_id"] for x in out] == ["a"]
 
 
@@ -77,7 +77,7 @@ def _requests(n: int, bad: bool = False) -> bytes:
 def _records(uri: str) -> list[dict]:
     bucket, _, key = uri[5:].partition("/")
     raw = aws_client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    return [json.loads(x) for x in raw.splitlines() if x.strip()]
+    return [json.loads(x) for x in raw.split("\n") if x.strip()]
 
 
 def _exactly_once(summary, expected_ids: set[str]) -> tuple[list[dict], list[dict]]:
