@@ -2,8 +2,8 @@
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.image_build import ImageBuildSettings
-from blocks.model_source import ModelSource
+from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
-from blocks.vllm_server import LoraAdapter, VllmServerSettings
+from blocks.vllm_server import VllmServerSettings
 
 __all__ = ["EcsGpuCapacity", "ImageBuildSettings", "LoraAdapter", "ModelSource", "ModelStore", "VllmServerSettings"]

@@ -6,11 +6,12 @@ setting means the same thing everywhere.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
+
+from blocks.model_source import SERVED_NAME
 
 # vLLM 0.32's registered tool-call parsers (ToolParserManager.list_registered()).
 TOOL_CALL_PARSERS = frozenset(
@@ -41,22 +42,6 @@ _OWNED_FLAGS = {
     "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--enable-prefix-caching",
     "--no-enable-prefix-caching", "-tp", "-q",
 }
-_SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-
-class LoraAdapter(BaseModel):
-    """One LoRA adapter served beside the base model under its own name."""
-
-    name: str = Field(description="Served model name a request picks the adapter by.")
-    source: str = Field(description="Hub repo id ('owner/name') or an s3:// URI of the adapter folder.")
-    revision: str = Field(default="main")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _SERVED_NAME.match(value):
-            raise ValueError(f"{value!r} is not a usable served model name")
-        return value
 
 
 class VllmServerSettings(Block):
@@ -82,10 +67,9 @@ class VllmServerSettings(Block):
     )
     chat_template: str | None = Field(default=None, description="Path of a Jinja chat template; None uses the model's own.")
     quantization: str | None = None
-    enable_lora: bool = False
-    max_lora_rank: int = 16
+    enable_lora: bool = Field(default=False, description="Serve LoRA adapters (the ModelSource block lists them).")
+    max_lora_rank: int = Field(default=16, description="Largest adapter rank the server accepts; vLLM reserves memory for it.")
     max_loras: int = Field(default=4, ge=1, le=256)
-    lora_adapters: list[LoraAdapter] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list, description="Further vLLM flags, passed as given.")
     api_key: SecretStr | None = Field(default=None, description="Bearer key clients must send; never logged.")
     cpu_kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU (local) runs.")
@@ -142,7 +126,7 @@ class VllmServerSettings(Block):
     @field_validator("served_model_name")
     @classmethod
     def _served(cls, value: str) -> str:
-        if not _SERVED_NAME.match(value):
+        if not SERVED_NAME.match(value):
             raise ValueError(f"{value!r} is not a usable served model name")
         return value
 
@@ -157,22 +141,13 @@ class VllmServerSettings(Block):
                 raise ValueError(f"{flag} is set by its own field, not through extra_args")
         return value
 
-    @model_validator(mode="after")
-    def _lora(self) -> "VllmServerSettings":
-        if self.lora_adapters and not self.enable_lora:
-            raise ValueError("lora_adapters: adapters are listed but enable_lora is false")
-        names = [a.name for a in self.lora_adapters] + [self.served_model_name]
-        if len(set(names)) != len(names):
-            raise ValueError("lora_adapters: served names must be unique and differ from served_model_name")
-        return self
-
     def server_args(
-        self, model_path: str | Path = "{model}", adapter_paths: dict[str, str] | None = None,
-        host: str = "0.0.0.0", port: int | None = None,
+        self, model_path: str | Path = "{model}", host: str = "0.0.0.0", port: int | None = None,
     ) -> list[str]:
         """The vLLM OpenAI server's flags. The API key is not among them: it goes through the
         environment (VLLM_API_KEY), never a command line. `{model}` is left for the image's
-        entrypoint to replace with the fetched model's path."""
+        entrypoint to replace with the fetched model's path; it also adds `--lora-modules` for the
+        adapters it fetched (images/vllm/entrypoint.py)."""
         args = [
             "--model", str(model_path),
             "--served-model-name", self.served_model_name,
@@ -198,6 +173,4 @@ class VllmServerSettings(Block):
             args += ["--quantization", self.quantization]
         if self.enable_lora:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
-            if adapter_paths:
-                args += ["--lora-modules", *[f"{name}={path}" for name, path in adapter_paths.items()]]
         return args + list(self.extra_args)

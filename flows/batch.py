@@ -68,6 +68,7 @@ class BatchSummary(BaseModel):
     estimated_cost_usd: float
     price_per_hour: float
     mode: str = "online"
+    per_model: dict[str, dict[str, int]] = {}  # body.model -> lines, ok, failed, completion_tokens
     job_exit_code: int | None = None  # offline mode
     job_log: str | None = None  # offline mode: local log file or CloudWatch link
 
@@ -127,16 +128,17 @@ def run_batch_file(
     run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
     seq = itertools.count(1)  # shards may be flushed from several threads at once
     all_lines: set[int] = set()
+    model_of: dict[int, str] = {}  # line -> body.model, for the per-model summary
 
     def lines():
         seen: dict[str, int] = {}
         for n, raw in iter_input(s3, in_bucket, in_key):
             all_lines.add(n)
             parsed = parse_line(n, raw, seen)  # every line, so duplicates are found on a resume too
+            if parsed.request is not None:  # each request names its model: the base or an adapter
+                model_of[n] = str(parsed.request["body"].setdefault("model", served_model_name))
             if n in done:
                 continue
-            if parsed.request is not None:
-                parsed.request["body"].setdefault("model", served_model_name)
             yield parsed
 
     def flush(rows: list[dict]) -> None:
@@ -149,7 +151,7 @@ def run_batch_file(
         raise RuntimeError(f"the endpoint went away mid-run ({exc}); completed records are saved: re-run to finish") from None
     wall = time.monotonic() - started
     progress.finish()
-    merged: MergeResult = finalize(s3, out_bucket, out_prefix, all_lines)
+    merged: MergeResult = finalize(s3, out_bucket, out_prefix, all_lines, model_of)
     summary = BatchSummary(
         input_uri=input_uri, output_uri=merged.output_uri, errors_uri=merged.errors_uri, lines=merged.lines, ok=merged.ok,
         failed=merged.failed, resumed_lines=len(done), prompt_tokens=merged.prompt_tokens,
@@ -158,6 +160,7 @@ def run_batch_file(
         output_tokens_per_s=round(merged.completion_tokens / wall, 1) if wall else 0.0,
         latency_p50_s=percentile(stats.latencies, 50), latency_p95_s=percentile(stats.latencies, 95), retries=stats.retries,
         estimated_cost_usd=round(price_per_hour * wall / 3600, 4), price_per_hour=price_per_hour,
+        per_model=merged.per_model,
     )
     s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/summary.json", Body=summary.model_dump_json(indent=2).encode())
     logger.info("batch %s: %d ok, %d failed, %.1f req/s -> %s", input_uri, summary.ok, summary.failed, summary.requests_per_s,
@@ -209,7 +212,7 @@ def run_batch_file_offline(
         rows, _ = merge_records([], {}, prep.input_errors)  # nothing valid: no job, every line an input error
         write_shard(s3, out_bucket, out_prefix, f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}", 1, rows)
     wall = time.monotonic() - started
-    merged: MergeResult = finalize(s3, out_bucket, out_prefix, prep.all_lines)
+    merged: MergeResult = finalize(s3, out_bucket, out_prefix, prep.all_lines, prep.models)
     summary = BatchSummary(
         input_uri=input_uri, output_uri=merged.output_uri, errors_uri=merged.errors_uri, lines=merged.lines, ok=merged.ok,
         failed=merged.failed, resumed_lines=len(done & prep.all_lines), prompt_tokens=merged.prompt_tokens,
@@ -219,6 +222,7 @@ def run_batch_file_offline(
         latency_p50_s=None, latency_p95_s=None, retries=0,
         estimated_cost_usd=round(price_per_hour * (job.wall_s if job else 0) / 3600, 4), price_per_hour=price_per_hour,
         mode="offline", job_exit_code=job.exit_code if job else None, job_log=job.log if job else None,
+        per_model=merged.per_model,
     )
     s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/summary.json", Body=summary.model_dump_json(indent=2).encode())
     logger.info("offline batch %s: %d ok, %d failed -> %s", input_uri, summary.ok, summary.failed, summary.output_uri)
@@ -258,6 +262,12 @@ def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
     lines += ["", *[f"- output `{s.output_uri}`, errors `{s.errors_uri}`; tokens in {s.prompt_tokens}, out {s.completion_tokens}"
                     + (f"; {s.mode} job exit code {s.job_exit_code}, log {s.job_log}" if s.mode == "offline" else "")
                     for s in summaries]]
+    per_model = [(s, m, c) for s in summaries for m, c in s.per_model.items()]
+    if len({m for _, m, _ in per_model}) > 1:
+        lines += ["", "## By model (the request's `model`: the base or a LoRA adapter)", "",
+                  "| input | model | lines | ok | failed | out tokens |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{s.input_uri}` | `{m}` | {c['lines']} | {c['ok']} | {c['failed']} | {c['completion_tokens']} |"
+                  for s, m, c in per_model]
     if not summaries:
         lines.append("Nothing to do: no new input.")
     create_markdown_artifact("\n".join(lines), key=key, description="Batch inference summary")

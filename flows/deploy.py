@@ -21,6 +21,7 @@ from tasks.capacity import CapacityPlan, plan_task
 from tasks.ecs_target import Recorder, deploy_ecs, rollback
 from tasks.errors import PipelineInputError
 from tasks.images import check_image_uri
+from tasks.lora import check_adapters, find_staged_adapters, write_index
 from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
@@ -50,29 +51,34 @@ def _refuse_if_busy(state: StackState | None, stack: str, target: str) -> None:
         )
 
 
+def _adapter_uris(adapters: dict[str, ModelRef] | None) -> dict[str, str]:
+    return {name: ref.s3_uri for name, ref in (adapters or {}).items()}
+
+
 def deploy(
     stack: str, store: ModelStore, settings: VllmServerSettings, model: ModelRef, target: str = "local",
-    ready_timeout_s: float = 900, ttl_hours: float = 24,
+    ready_timeout_s: float = 900, ttl_hours: float = 24, adapters: dict[str, ModelRef] | None = None,
 ) -> StackState:
     logger = get_run_logger()
     state, etag = load_state(store, stack)
     _refuse_if_busy(state, stack, "local")
     if state is not None and state.target == "local" and state.status == "running" and endpoint_alive(state.endpoint):
-        if state.model and state.model.s3_uri == model.s3_uri:
+        if state.model and state.model.s3_uri == model.s3_uri and state.adapters == (adapters or {}):
             logger.info("stack %r already serves %s at %s: nothing to do", stack, model.s3_uri, state.endpoint.url)
             return state
     old_endpoint = state.endpoint if state else None
     state = state or StackState(stack=stack, target="local")
-    state.status, state.model, state.ttl_hours = "deploying", model, ttl_hours
+    state.status, state.model, state.ttl_hours, state.adapters = "deploying", model, ttl_hours, dict(adapters or {})
     state.settings = settings.model_dump(mode="json", exclude={"api_key"})
-    state.note(f"deploy {model.s3_uri}")
+    state.note(f"deploy {model.s3_uri}" + (f" with adapters {sorted(state.adapters)}" if state.adapters else ""))
     etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
     if old_endpoint is not None and old_endpoint.pid:
         stop_local_server(old_endpoint.pid)  # a dead or outdated server is replaced
     secret_arn = ensure_api_key(stack, settings)
     state.add_resource("secret", secret_arn)
     etag = save_state(store, state, etag)
-    state.endpoint = start_local_server(stack, settings, model, secret_arn)
+    index = write_index(store, stack, state.adapters) if settings.enable_lora else None
+    state.endpoint = start_local_server(stack, settings, model, secret_arn, _adapter_uris(adapters), index)
     state.add_resource("process", str(state.endpoint.pid))
     etag = save_state(store, state, etag)  # recorded before the wait: an interrupted deploy leaves nothing unknown
     try:
@@ -93,6 +99,7 @@ def deploy(
             "",
             f"- model `{model.repo_id}` @ `{model.sha}` from `{model.s3_uri}`",
             f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
+            *_adapter_lines(state),
             f"- API key in Secrets Manager `{secret_arn}`",
             f"- server log `{state.endpoint.log_path}`",
         ]),
@@ -100,6 +107,10 @@ def deploy(
         description=f"Stack {stack} deployed",
     )
     return state
+
+
+def _adapter_lines(state: StackState) -> list[str]:
+    return [f"- LoRA adapter `{name}` from `{ref.s3_uri}`" for name, ref in sorted(state.adapters.items())]
 
 
 def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: VllmServerSettings) -> tuple[str, VllmServerSettings, float]:
@@ -132,7 +143,7 @@ def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: Vllm
 def deploy_to_ecs(
     stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef, image_uri: str,
     hf_token: SecretStr | None = None, ready_timeout_s: float = 1800, ttl_hours: float = 24, keep_failed: bool = False,
-    poll_s: float = 15,
+    poll_s: float = 15, adapters: dict[str, ModelRef] | None = None,
 ) -> StackState:
     """Plan, then create or update every resource of the stack; on failure roll back what this run made
     (`keep_failed`: keep it for debugging) and raise the error that caused it."""
@@ -145,7 +156,8 @@ def deploy_to_ecs(
     _refuse_if_busy(state, stack, "ecs")
     new_stack = state is None or state.status != "running"
     state = state or StackState(stack=stack, target="ecs")
-    state.status, state.model, state.ttl_hours = "deploying", model, ttl_hours
+    previous = state.model_copy(deep=True)
+    state.status, state.model, state.ttl_hours, state.adapters = "deploying", model, ttl_hours, dict(adapters or {})
     state.settings = {
         **settings.model_dump(mode="json", exclude={"api_key"}), "instance_type": instance_type, "price_per_hour": price,
         "region": capacity.region, "cluster": capacity.cluster, "desired_count": capacity.desired_count, "image_uri": image_uri,
@@ -154,7 +166,9 @@ def deploy_to_ecs(
     rec = Recorder(store, state, None, capacity.region)
     rec.etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
     try:
-        deploy_ecs(stack, store, settings, capacity, model, image_uri, instance_type, rec, hf_token, ready_timeout_s, poll_s)
+        index = write_index(store, stack, state.adapters) if settings.enable_lora else None
+        deploy_ecs(stack, store, settings, capacity, model, image_uri, instance_type, rec, hf_token, ready_timeout_s, poll_s,
+                   state.adapters, index)
     except BaseException as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         state.note(f"deploy failed: {first}")
@@ -173,7 +187,9 @@ def deploy_to_ecs(
         if new_stack:
             delete_state(store, stack)
         else:
-            state.status = "running"
+            state.status, state.model, state.adapters = "running", previous.model, previous.adapters
+            if settings.enable_lora:
+                write_index(store, stack, previous.adapters)  # the replicas rolled back to serve the old set
             state.note("update rolled back")
             rec.save()
         raise
@@ -189,6 +205,7 @@ def deploy_to_ecs(
             f"- {capacity.desired_count} x `{instance_type}` in {capacity.region} (TP {settings.tensor_parallel_size}, "
             f"${price:.3f}/h each), cluster `{capacity.cluster or state.resources and next((r.id for r in state.resources if r.kind == 'cluster'), '')}`",
             f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
+            *_adapter_lines(state),
             f"- API key in Secrets Manager `{state.endpoint.api_key_secret}`",
             f"- {len(state.resources)} resources recorded in `s3://{store.bucket_name}/stacks/{stack}/state.json`",
         ]),
@@ -221,13 +238,18 @@ def deploy_model(
     store = load_config(ModelStore, model_store_block)
     settings = load_config(VllmServerSettings, server_settings_block)
     capacity = load_config(EcsGpuCapacity, capacity_block) if target == "ecs" else None
-    source = load_config(ModelSource, model_source_block) if (not model_uri and not repo_id) or target == "ecs" else None
+    source = load_config(ModelSource, model_source_block)
     if not model_uri and not repo_id:
         repo_id = source.repo_id
     if target == "ecs":
         image_uri = check_image_uri(image_uri or last_built_image("vllm"))
+    if source.adapters and not settings.enable_lora:
+        raise PipelineInputError(f"the model source lists adapters {[a.name for a in source.adapters]} but "
+                                 "VllmServerSettings.enable_lora is false")
     model = find_staged_model(store, repo_id=repo_id, model_uri=model_uri)
+    adapters = find_staged_adapters(store, source.adapters) if source.adapters else {}
+    check_adapters(store, model, adapters, settings.served_model_name, settings.enable_lora, settings.max_lora_rank)
     if target == "ecs":
         return deploy_to_ecs(stack, store, settings, capacity, model, image_uri, source.token, ready_timeout_s, ttl_hours,
-                             keep_failed)
-    return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours)
+                             keep_failed, adapters=adapters)
+    return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours, adapters)

@@ -10,11 +10,14 @@ from prefect.futures import as_completed, wait
 from pydantic import BaseModel
 
 from blocks.loading import load_config
-from blocks.model_source import ModelSource
+from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
+from tasks.errors import PipelineInputError
 from tasks.hub import resolve_revision
+from tasks.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
 from tasks.progress import Progress
 from tasks.s3 import model_prefix
+from tasks.state import ModelRef
 from tasks.staging import check_model_store, find_manifest, stage_file, write_model_manifest
 from tasks.transfer import FileResult, TransferSettings
 
@@ -31,6 +34,7 @@ class StagedModel(BaseModel):
     bytes_uploaded: int
     seconds: float
     already_staged: bool
+    adapters: dict[str, str] = {}  # served name -> staged s3:// URI of each LoRA adapter
 
 
 def _artifact_key(repo_id: str) -> str:
@@ -82,6 +86,32 @@ def stage(source: ModelSource, store: ModelStore, transfer: TransferSettings) ->
     return result
 
 
+def stage_adapter(source: ModelSource, adapter: LoraAdapter, store: ModelStore, transfer: TransferSettings) -> ModelRef:
+    """One adapter next to its base: a Hub repo through `stage` (streamed, verified, manifest last,
+    skipped when staged), an s3:// folder copied into the store with a manifest."""
+    if adapter.is_s3:
+        return stage_s3_adapter(store, adapter)
+    hub = adapter_source(source, adapter)
+    try:
+        snapshot = resolve_revision(hub)
+    except PipelineInputError as exc:
+        raise PipelineInputError(f"adapter {adapter.name!r}: {exc}") from None
+    if ADAPTER_WEIGHTS not in {f.path for f in snapshot.files}:
+        raise PipelineInputError(f"adapter {adapter.name!r}: {adapter.source}@{adapter.revision} has no {ADAPTER_WEIGHTS} "
+                                 "(vLLM serves peft adapters saved with safetensors)")
+    staged = stage(hub, store, transfer)
+    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=staged.s3_uri.rstrip("/"))
+
+
+def stage_all(source: ModelSource, store: ModelStore, transfer: TransferSettings) -> StagedModel:
+    """The base model, then each of its LoRA adapters."""
+    result = stage(source, store, transfer)
+    if source.adapters:
+        result.adapters = {a.name: stage_adapter(source, a, store, transfer).s3_uri for a in source.adapters}
+        get_run_logger().info("adapters staged: %s", ", ".join(f"{n} -> {u}" for n, u in result.adapters.items()))
+    return result
+
+
 def _summary(result: StagedModel, files: list[FileResult]) -> None:
     mbps = result.bytes_uploaded / max(result.seconds, 1e-6) / 1e6
     lines = [
@@ -108,8 +138,9 @@ def stage_model(
     model_store_block: str | None = None,
     transfer: TransferSettings = TransferSettings(),
 ) -> StagedModel:
-    """Stage a Hub model into S3. `repo_id`/`revision` override the ModelSource block (saved
-    under `model_source_block`, or the defaults); the token, if any, comes only from the block."""
+    """Stage a Hub model, and the block's LoRA adapters, into S3. `repo_id`/`revision` override the
+    ModelSource block (saved under `model_source_block`, or the defaults); the token, if any, comes
+    only from the block."""
     source = load_config(ModelSource, model_source_block, repo_id=repo_id, revision=revision)
     store = load_config(ModelStore, model_store_block)
-    return stage(source, store, transfer)
+    return stage_all(source, store, transfer)

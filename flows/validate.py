@@ -34,12 +34,13 @@ class ValidationReport(BaseModel):
     cases: list[CaseResult]
     matrix: dict[str, str]  # "category/mode" -> "passed/total"
     retries: int = 0  # transient endpoint failures (429/502/503/504, resets) retried during the run
+    adapters: list["ValidationReport"] = []  # a stack's LoRA adapters, each validated under its served name
 
 
 def validate_endpoint(
     url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
     gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
-    warmup_requests: int = 8, artifact_key: str = "validate",
+    warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True,
 ) -> ValidationReport:
     logger = get_run_logger()
     suite = load_suite(extra_cases)  # bad user cases fail here, before any request
@@ -72,11 +73,24 @@ def validate_endpoint(
     report = ValidationReport(endpoint=url, served_model_name=served_model_name, passed=all(c.passed for c in checks),
                               checks=checks, cases=cases, matrix=cells, retries=retries)
     _artifacts(report, gate_profile, artifact_key)
-    if not report.passed:
+    if not report.passed and raise_on_failure:
         failed = [f"{c.name} ({'; '.join(c.problems)})" for c in checks if not c.passed]
         raise ValidationFailed("validation failed: " + " | ".join(failed))
-    logger.info("validation passed: %d checks, %d/%d tool cases", len(checks), sum(c.passed for c in cases), len(cases))
+    logger.info("validation of %r %s: %d checks, %d/%d tool cases", served_model_name,
+                "passed" if report.passed else "FAILED", len(checks), sum(c.passed for c in cases), len(cases))
     return report
+
+
+def _name_key(key: str, name: str) -> str:
+    return f"{key}-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _comparison(reports: list[ValidationReport], key: str) -> None:
+    """Base and adapters side by side: each name's pass count per category x tool_choice."""
+    cells = sorted({cell for r in reports for cell in r.matrix}, key=lambda c: (CATEGORIES.index(c.split("/")[0])
+                                                                                 if c.split("/")[0] in CATEGORIES else 99, c))
+    create_table_artifact([{"cell": cell, **{r.served_model_name: r.matrix.get(cell, "–") for r in reports}} for cell in cells],
+                          key=f"{key}-by-model", description="Tool-calling pass counts by served model")
 
 
 def _artifacts(report: ValidationReport, gate, key: str) -> None:
@@ -115,27 +129,50 @@ def validate(
     served_model_name: str | None = None,
     level: str | None = None,
     gate: str | None = None,
+    gates: dict[str, str] | None = None,
+    served_model_names: list[str] | None = None,
     extra_cases: dict | None = None,
     thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: int = 8,
     model_store_block: str | None = None,
 ) -> ValidationReport:
     """Validate stack `stack` (its endpoint from the state record) or an explicit endpoint
-    (`endpoint_url`, `served_model_name`, and `api_key_secret`: a Secrets Manager id, never the key)."""
+    (`endpoint_url`, `served_model_name`, and `api_key_secret`: a Secrets Manager id, never the key).
+    A stack is validated under each served name: the base model and every LoRA adapter
+    (`served_model_names` picks some), each with its gate profile (`gates`: name -> profile;
+    default the profile named after the served name, else default.yaml; `gate` for the base)."""
     if level not in (None, "semantic", "structural"):
         raise PipelineInputError(f"level must be 'semantic' or 'structural', got {level!r}")
-    max_len = None
+    max_len, adapters = None, []
     if stack:
         check_stack_name(stack)
         state = require_state(load_config(ModelStore, model_store_block), stack)
         endpoint_url, api_key_secret = state.endpoint.url, state.endpoint.api_key_secret
         served_model_name = served_model_name or state.endpoint.served_model_name
         max_len = state.settings.get("max_model_len")
+        adapters = sorted(state.adapters)
     elif not (endpoint_url and api_key_secret and served_model_name):
         raise PipelineInputError("give a stack, or endpoint_url + api_key_secret + served_model_name")
-    key = f"validate-{stack or 'endpoint'}"
-    return validate_endpoint(
-        endpoint_url, read_secret(api_key_secret).get_secret_value(), served_model_name, max_model_len=max_len,
-        level=level, gate=gate, extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests,
-        artifact_key=key,
-    )
+    names = [served_model_name, *adapters]
+    if served_model_names:
+        unknown = sorted(set(served_model_names) - set(names))
+        if unknown:
+            raise PipelineInputError(f"{unknown} not served by {stack or endpoint_url} (it serves {names})")
+        names = [n for n in names if n in served_model_names]
+    gates = {**(gates or {}), **({served_model_name: gate} if gate else {})}
+    key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret).get_secret_value()
+    reports = [
+        validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
+                          extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests,
+                          artifact_key=key if name == served_model_name else _name_key(key, name),
+                          raise_on_failure=len(names) == 1)
+        for name in names
+    ]
+    if len(reports) > 1:
+        _comparison(reports, key)
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise ValidationFailed("validation failed for " + " | ".join(
+            f"{r.served_model_name}: " + ", ".join(f"{c.name} ({'; '.join(c.problems)})" for c in r.checks if not c.passed)
+            for r in failed))
+    return reports[0].model_copy(update={"adapters": reports[1:]})

@@ -131,9 +131,13 @@ class MergeResult(BaseModel):
     errors_uri: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    per_model: dict[str, dict[str, int]] = {}  # requested model -> lines, ok, failed, completion_tokens
 
 
-def finalize(s3, bucket: str, out_prefix: str, input_lines: set[int]) -> MergeResult:
+INVALID = "(invalid input)"  # the per-model bucket of lines that were not a request at all
+
+
+def finalize(s3, bucket: str, out_prefix: str, input_lines: set[int], model_of: dict[int, str] | None = None) -> MergeResult:
     """Merge shards into output.jsonl / errors.jsonl in input order; every line exactly once."""
     by_line: dict[int, dict] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{out_prefix}/shards/"):
@@ -145,18 +149,24 @@ def finalize(s3, bucket: str, out_prefix: str, input_lines: set[int]) -> MergeRe
     missing = sorted(input_lines - set(by_line))
     if missing:
         raise RuntimeError(f"{len(missing)} input lines have no record (first: {missing[:5]}): re-run to finish them")
-    ok_rows, err_rows, tokens = [], [], [0, 0]
+    ok_rows, err_rows, tokens, per_model = [], [], [0, 0], {}
     for n in sorted(by_line):
         rec = by_line[n]
         (ok_rows if is_ok(rec) else err_rows).append(json.dumps(rec, ensure_ascii=False))
         usage = ((rec.get("response") or {}).get("body") or {}).get("usage") or {}
         tokens[0] += usage.get("prompt_tokens", 0) or 0
         tokens[1] += usage.get("completion_tokens", 0) or 0
+        if model_of is not None:
+            m = per_model.setdefault(model_of.get(n, INVALID), {"lines": 0, "ok": 0, "failed": 0, "completion_tokens": 0})
+            m["lines"] += 1
+            m["ok" if is_ok(rec) else "failed"] += 1
+            m["completion_tokens"] += usage.get("completion_tokens", 0) or 0
     out_key, err_key = f"{out_prefix}/output.jsonl", f"{out_prefix}/errors.jsonl"
     s3.put_object(Bucket=bucket, Key=out_key, Body=("\n".join(ok_rows) + ("\n" if ok_rows else "")).encode())
     s3.put_object(Bucket=bucket, Key=err_key, Body=("\n".join(err_rows) + ("\n" if err_rows else "")).encode())
     return MergeResult(lines=len(by_line), ok=len(ok_rows), failed=len(err_rows), output_uri=f"s3://{bucket}/{out_key}",
-                       errors_uri=f"s3://{bucket}/{err_key}", prompt_tokens=tokens[0], completion_tokens=tokens[1])
+                       errors_uri=f"s3://{bucket}/{err_key}", prompt_tokens=tokens[0], completion_tokens=tokens[1],
+                       per_model=dict(sorted(per_model.items())))
 
 
 # --- the online runner ------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Prepared:
     all_lines: set[int] = field(default_factory=set)
     expected: dict[str, int] = field(default_factory=dict)  # custom_id -> input line, for the clean requests
     input_errors: list[dict] = field(default_factory=list)  # {"line", "record"} rows
+    models: dict[int, str] = field(default_factory=dict)  # input line -> requested model, for the per-model summary
 
 
 def offline_check(body: dict, url: str) -> str | None:
@@ -82,6 +83,8 @@ def prepare_input(s3, in_bucket: str, in_key: str, out_bucket: str, out_prefix: 
             for n, raw in iter_input(s3, in_bucket, in_key):
                 prep.all_lines.add(n)
                 p = parse_line(n, raw, seen)
+                if p.request is not None:
+                    prep.models[n] = str(p.request["body"].setdefault("model", served_model_name))
                 error = p.error if p.request is None else offline_check(p.request["body"], p.request["url"])
                 if error:
                     if p.request is not None and not p.error:
@@ -89,7 +92,6 @@ def prepare_input(s3, in_bucket: str, in_key: str, out_bucket: str, out_prefix: 
                     prep.input_errors.append({"line": n, "record": error_record(p.custom_id, "invalid_request", error)})
                     continue
                 req = p.request
-                req["body"].setdefault("model", served_model_name)
                 f.write(json.dumps({"custom_id": req["custom_id"], "method": "POST", "url": req["url"], "body": req["body"]},
                                    ensure_ascii=False) + "\n")
                 prep.expected[p.custom_id] = n

@@ -86,13 +86,14 @@ def last_log_lines(aws: Aws, stack: str, lines: int = 20) -> list[str]:
 
 
 def container_environment(settings: VllmServerSettings, model_uri: str, port: int,
-                          adapters: dict[str, str] | None = None) -> dict[str, str]:
+                          adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None) -> dict[str, str]:
     """What the image's entrypoint reads (images/vllm/entrypoint.py). No secrets here, ever."""
     return {
         "MODEL_URI": model_uri,
         "MODEL_CACHE_DIR": "/models",
         "VLLM_ARGS": json.dumps(settings.server_args(host="0.0.0.0", port=port)),
         "LORA_ADAPTERS": json.dumps(adapters or {}),
+        **({"LORA_INDEX_URI": adapter_index_uri} if adapter_index_uri else {}),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true" if settings.enable_lora else "false",
         "HEALTH_PORT": str(port),
     }
@@ -100,7 +101,7 @@ def container_environment(settings: VllmServerSettings, model_uri: str, port: in
 
 def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCapacity, instance_type: str,
                     image_uri: str, model_uri: str, execution_role: str, task_role: str, secrets: dict[str, str],
-                    adapters: dict[str, str] | None = None) -> dict:
+                    adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None) -> dict:
     """register_task_definition's arguments. CPU and memory leave room for the ECS agent and the OS
     on the smallest instance the Auto Scaling group may launch; GPUs = tensor parallel size."""
     inst = gpu_instances()[instance_type]
@@ -108,7 +109,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
     vcpus = min(gpu_instances()[t].vcpus for t in types)
     memory_gib = min(gpu_instances()[t].memory_gib for t in types)
     port = capacity.container_port
-    env = container_environment(settings, model_uri, port, adapters)
+    env = container_environment(settings, model_uri, port, adapters, adapter_index_uri)
     return {
         "family": resource_name(stack, "server"),
         "taskRoleArn": task_role,

@@ -55,10 +55,16 @@ class Recorder:
         self.etag = save_state(self.store, self.state, self.etag)
 
 
+def adapter_read_uris(adapters: dict[str, ModelRef] | None, adapter_index_uri: str | None) -> list[str]:
+    """What the task role reads besides the model: each adapter's folder and the adapter index's folder."""
+    uris = [r.s3_uri for r in (adapters or {}).values()]
+    return uris + ([adapter_index_uri.rsplit("/", 1)[0]] if adapter_index_uri else [])
+
+
 def deploy_ecs(
     stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef,
     image_uri: str, instance_type: str, rec: Recorder, hf_token: SecretStr | None = None, ready_timeout_s: float = 1800,
-    poll_s: float = 15,
+    poll_s: float = 15, adapters: dict[str, ModelRef] | None = None, adapter_index_uri: str | None = None,
 ) -> Endpoint:
     """Every resource, in order; returns the endpoint once `/v1/models` answers through the load balancer."""
     logger = get_run_logger()
@@ -84,7 +90,7 @@ def deploy_ecs(
                           iam.execution_policy(image_uri, log_arn, list(secrets.values()), partition))
     rec.keep("iam-role", resource_name(stack, "execution"), made)
     task_arn, made = step("role-task", iam.ensure_role, aws, stack, "task", "ecs-tasks.amazonaws.com",
-                          iam.task_policy(model.s3_uri, partition))
+                          iam.task_policy(model.s3_uri, partition, adapter_read_uris(adapters, adapter_index_uri)))
     rec.keep("iam-role", resource_name(stack, "task"), made)
 
     asg_name = provider = None
@@ -116,7 +122,7 @@ def deploy_ecs(
         provider = rec.keep("capacity-provider", resource_name(stack, "gpu"), made)
 
     definition = svc.task_definition(stack, settings, capacity, instance_type, image_uri, model.s3_uri, exec_arn,
-                                     task_arn, secrets)
+                                     task_arn, secrets, {n: r.s3_uri for n, r in (adapters or {}).items()}, adapter_index_uri)
     td_arn, made = step("task-definition", svc.register_task_definition, aws, definition)
     rec.keep("task-definition", definition["family"], made)
     if made:

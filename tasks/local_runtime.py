@@ -53,7 +53,8 @@ def is_our_server(pid: int | None) -> bool:
 
 
 def start_server(
-    stack: str, settings: VllmServerSettings, model_uri: str, api_key: str, adapters: dict[str, str] | None = None
+    stack: str, settings: VllmServerSettings, model_uri: str, api_key: str, adapters: dict[str, str] | None = None,
+    adapter_index_uri: str | None = None,
 ) -> tuple[int, str, str]:
     """Start the entrypoint; returns (pid, base URL, log path). Does not wait for readiness."""
     port = free_port()
@@ -64,6 +65,7 @@ def start_server(
         "MODEL_CACHE_DIR": str(cache_root() / "model-cache"),
         "VLLM_ARGS": json.dumps(settings.server_args(host="127.0.0.1", port=port)),
         "LORA_ADAPTERS": json.dumps(adapters or {}),
+        **({"LORA_INDEX_URI": adapter_index_uri} if adapter_index_uri else {}),
         "VLLM_API_KEY": api_key,
         "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kv_cache_gib),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true" if settings.enable_lora else "false",

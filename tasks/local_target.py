@@ -32,14 +32,15 @@ def endpoint_alive(endpoint: Endpoint | None) -> bool:
 @task(name="start-local-vllm", cache_policy=NO_CACHE)
 def start_local_server(
     stack: str, settings: VllmServerSettings, model: ModelRef, api_key_secret: str, adapters: dict[str, str] | None = None,
+    adapter_index_uri: str | None = None,
 ) -> Endpoint:
     """Start the server through the image entrypoint; returns at once so the pid is recorded before the wait."""
     api_key = read_secret(api_key_secret).get_secret_value()
-    pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters)
+    pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters, adapter_index_uri)
     get_run_logger().info("vLLM server starting: pid %d, %s, log %s", pid, url, log_path)
     return Endpoint(
         url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_secret,
-        adapters=list((adapters or {}).keys()), pid=pid, log_path=log_path,
+        pid=pid, log_path=log_path,
     )
 
 

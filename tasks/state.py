@@ -31,7 +31,6 @@ class Endpoint(BaseModel):
     url: str
     served_model_name: str
     api_key_secret: str  # Secrets Manager ARN/name holding the API key (never the key itself)
-    adapters: list[str] = Field(default_factory=list)
     pid: int | None = None  # local target only
     log_path: str | None = None  # local target only
 
@@ -49,6 +48,7 @@ class StackState(BaseModel):
     created_at: str = Field(default_factory=utc_now)
     updated_at: str = Field(default_factory=utc_now)
     model: ModelRef | None = None
+    adapters: dict[str, ModelRef] = Field(default_factory=dict)  # LoRA adapters by served name
     endpoint: Endpoint | None = None
     resources: list[Resource] = Field(default_factory=list)
     settings: dict = Field(default_factory=dict)  # non-secret server settings, for the record
@@ -97,8 +97,15 @@ def save_state(store: ModelStore, state: StackState, etag: str | None) -> str:
     return resp["ETag"]
 
 
+def adapter_index_key(stack: str) -> str:
+    """The stack's LoRA adapter index ({served name: staged URI}) the server reads (tasks/lora.py)."""
+    return f"stacks/{stack}/adapters/index.json"
+
+
 def delete_state(store: ModelStore, stack: str) -> None:
-    s3_client(store).delete_object(Bucket=store.bucket_name, Key=state_key(stack))
+    """The state record and the adapter index: nothing of the stack stays under stacks/<stack>/."""
+    s3_client(store).delete_objects(Bucket=store.bucket_name, Delete={"Objects": [
+        {"Key": state_key(stack)}, {"Key": adapter_index_key(stack)}], "Quiet": True})
 
 
 def list_stacks(store: ModelStore) -> list[StackState]:

@@ -87,7 +87,7 @@ def test_vllm_server_settings_defaults_are_valid():
     assert settings.tool_strict_level in TOOL_STRICT_LEVELS
     assert settings.quantization is None
     assert settings.max_lora_rank in LORA_RANKS
-    assert settings.enable_lora is False and settings.lora_adapters == []
+    assert settings.enable_lora is False and ModelSource().adapters == []
     assert settings.extra_args == []
     assert settings.api_key is None
 
@@ -218,36 +218,21 @@ def test_extra_args_owned_flag_refused(value):
     assert_refused(VllmServerSettings, "extra_args", extra_args=value)
 
 
-def test_lora_adapters_with_lora_enabled_good():
-    settings = VllmServerSettings(
-        enable_lora=True,
-        lora_adapters=[LoraAdapter(name="sql", source="org/sql-lora"), {"name": "chat", "source": "s3://b/k"}],
+def test_model_source_adapters_good():
+    source = ModelSource(
+        adapters=[LoraAdapter(name="sql", source="org/sql-lora"), {"name": "chat", "source": "s3://b/k/", "revision": "v1"}],
     )
-    assert [a.name for a in settings.lora_adapters] == ["sql", "chat"]
+    assert [a.name for a in source.adapters] == ["sql", "chat"]
+    assert source.adapters[1].source == "s3://b/k" and source.adapters[1].is_s3 and not source.adapters[0].is_s3
 
 
-def test_lora_adapters_without_enable_lora_refused():
-    assert_refused(
-        VllmServerSettings,
-        "lora_adapters",
-        lora_adapters=[{"name": "sql", "source": "org/sql-lora"}],
-    )
+def test_model_source_adapters_duplicate_names_refused():
+    assert_refused(ModelSource, "adapters", adapters=[{"name": "sql", "source": "org/a"}, {"name": "sql", "source": "org/b"}])
 
 
-@pytest.mark.parametrize(
-    "names",
-    [
-        ["sql", "sql"],
-        ["sql", "smollm2-135m-instruct"],  # clashes with the default served_model_name
-    ],
-)
-def test_lora_adapters_duplicate_names_refused(names):
-    assert_refused(
-        VllmServerSettings,
-        "lora_adapters",
-        enable_lora=True,
-        lora_adapters=[{"name": n, "source": "org/adapter"} for n in names],
-    )
+@pytest.mark.parametrize("value", ["s3://", "s3://bucket", "s3://bucket/", "not a repo", "../x", "s3://b/k\x01x"])
+def test_lora_adapter_source_bad(value):
+    assert_refused(LoraAdapter, "source", name="a", source=value)
 
 
 @pytest.mark.parametrize("value", ["", "bad name", "-x"])
@@ -300,17 +285,11 @@ def test_server_args_enforce_eager():
 
 
 def test_server_args_lora():
-    settings = VllmServerSettings(
-        enable_lora=True,
-        max_lora_rank=64,
-        lora_adapters=[{"name": "sql", "source": "org/sql-lora"}, {"name": "chat", "source": "org/chat-lora"}],
-    )
-    args = settings.server_args("/m", adapter_paths={"sql": "/adapters/sql", "chat": "/adapters/chat"})
+    settings = VllmServerSettings(enable_lora=True, max_lora_rank=64)
+    args = settings.server_args("/m")
     assert "--enable-lora" in args
     assert _flag_value(args, "--max-lora-rank") == "64"
     assert _flag_value(args, "--max-loras") == str(settings.max_loras)
-    i = args.index("--lora-modules")
-    assert args[i + 1 : i + 3] == ["sql=/adapters/sql", "chat=/adapters/chat"]
 
 
 def test_server_args_lora_enabled_without_paths_has_no_modules():
@@ -334,11 +313,10 @@ def test_server_args_never_contain_api_key():
     settings = VllmServerSettings(
         api_key=secret,
         enable_lora=True,
-        lora_adapters=[{"name": "sql", "source": "org/sql-lora"}],
         enforce_eager=True,
     )
     assert settings.api_key.get_secret_value() == secret
-    args = settings.server_args("/m", adapter_paths={"sql": "/adapters/sql"})
+    args = settings.server_args("/m")
     assert "--api-key" not in args
     assert not any(secret in a for a in args)
     # Nor does it leak through the block's repr or a plain dump.

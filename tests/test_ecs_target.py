@@ -249,6 +249,37 @@ IAM_ACTION = {"ListObjectsV2": "s3:ListBucket", "HeadObject": "s3:GetObject", "C
 PREFIX = {"elbv2": "elasticloadbalancing", "resourcegroupstaggingapi": "tag"}
 
 
+def test_task_definition_of_a_stack_with_adapters_carries_lora_flags_and_locations(store, small_model):
+    """What the entrypoint in the image needs to serve adapters: the flags, their S3 folders, the index
+    (runtime additions), runtime updating on; and a task role that may read exactly those folders."""
+    stack = "lora"
+    adapters = {"tools": ModelRef(repo_id="acme/tools-lora", sha="a" * 40, s3_uri=f"s3://{store.bucket_name}/models/acme/tools-lora/{'a' * 40}"),
+                "sql": ModelRef(repo_id="s3/other/sql", sha="b" * 40, s3_uri=f"s3://{store.bucket_name}/models/s3/other/sql/{'b' * 40}")}
+    with pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, keep_failed=True, server=settings(enable_lora=True, max_lora_rank=16, max_loras=2),
+                   adapters=adapters)
+    try:
+        aws = Aws(region="us-east-1")
+        td = aws.client("ecs").describe_task_definition(taskDefinition=resource_name(stack, "server"))["taskDefinition"]
+        env = {e["name"]: e["value"] for e in td["containerDefinitions"][0]["environment"]}
+        args = json.loads(env["VLLM_ARGS"])
+        assert "--enable-lora" in args and args[args.index("--max-lora-rank") + 1] == "16" and args[args.index("--max-loras") + 1] == "2"
+        assert json.loads(env["LORA_ADAPTERS"]) == {n: r.s3_uri for n, r in adapters.items()}
+        assert env["LORA_INDEX_URI"] == f"s3://{store.bucket_name}/stacks/{stack}/adapters/index.json"
+        assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+        index = json.loads(aws_client("s3").get_object(Bucket=store.bucket_name, Key=f"stacks/{stack}/adapters/index.json")["Body"].read())
+        assert index == {n: r.s3_uri for n, r in adapters.items()}
+        policy = json.dumps(aws.client("iam").get_role_policy(RoleName=resource_name(stack, "task"), PolicyName="vllm-pipeline")["PolicyDocument"])
+        for uri in [small_model.s3_uri, *[r.s3_uri for r in adapters.values()], f"s3://{store.bucket_name}/stacks/{stack}/adapters"]:
+            assert uri.removeprefix("s3://") + "/*" in policy
+        assert load_state(store, stack)[0].adapters == adapters
+    finally:
+        run_teardown(stack, store)
+    assert nothing_left(stack)
+    with pytest.raises(ClientError):  # the index goes with the state record
+        aws_client("s3").head_object(Bucket=store.bucket_name, Key=f"stacks/{stack}/adapters/index.json")
+
+
 def test_failed_wait_rolls_back_to_nothing_and_names_the_cause(store, small_model, monkeypatch):
     """...and every AWS operation the deploy and its rollback make is allowed by the policy the
     README gives for the flow runner (images/runtime/runner-iam-policy.json)."""

@@ -6,12 +6,19 @@
 2. exec the vLLM OpenAI server with the flags the deploy step built from the
    VllmServerSettings block. The API key arrives as VLLM_API_KEY (a Secrets Manager
    reference on ECS), never as a flag.
+3. With LORA_INDEX_URI and runtime LoRA updating on, the server runs in this process behind a
+   LoRA resolver: a request naming an adapter the index lists but the server has not loaded
+   fetches it from S3 (by its manifest, verified) and loads it. That is how an adapter added to
+   a running stack (flows/adapters.py) reaches every replica without a restart; removal is
+   vLLM's /v1/unload_lora_adapter after the index no longer lists it.
 
 Environment:
   MODEL_URI          s3://bucket/prefix of a staged model (the folder holding _manifest.json)
   MODEL_CACHE_DIR    where models are cached (default /models)
   VLLM_ARGS          JSON list of server flags; the token {model} is replaced by the model path
   LORA_ADAPTERS      JSON object {served name: s3 URI of a staged adapter}
+  LORA_INDEX_URI     s3:// URI of the stack's adapter index (same JSON object); when the object
+                     exists it replaces LORA_ADAPTERS, and it is read again for runtime additions
   MODEL_LOAD_FORMAT  "auto" (fetch to disk) or "runai_streamer" (stream from S3)
   ENTRYPOINT_MODE    "serve" (default) or "batch" (or the first argument: `entrypoint.py batch`)
   BATCH_INPUT_URI    batch mode: s3:// URI of an OpenAI Batch JSONL file, already validated
@@ -22,6 +29,7 @@ Only the standard library and boto3: it runs before the server, in the server's 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -97,6 +105,57 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
     return target
 
 
+def read_index(uri: str, s3=None) -> dict[str, str] | None:
+    """The adapter index, or None when the object does not exist (yet)."""
+    s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}))
+    bucket, key = _split(uri)
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def startup_adapters(env: dict[str, str]) -> dict[str, str]:
+    index = read_index(env["LORA_INDEX_URI"]) if env.get("LORA_INDEX_URI") else None
+    return index if index is not None else json.loads(env.get("LORA_ADAPTERS", "{}"))
+
+
+def runtime_lora(env: dict[str, str]) -> bool:
+    return bool(env.get("LORA_INDEX_URI")) and env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true")
+
+
+def register_index_resolver(index_uri: str, cache_root: Path) -> None:
+    """A vLLM LoRA resolver backed by the stack's adapter index in S3 (vLLM's own resolvers read a
+    local folder or the Hub). Runs in the API server's process, so it must be registered before
+    the server builds its model registry."""
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    class S3IndexResolver(LoRAResolver):
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            try:
+                uri = ((await asyncio.to_thread(read_index, index_uri)) or {}).get(lora_name)
+                if uri is None:
+                    return None
+                path = await asyncio.to_thread(fetch, uri, cache_root)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a failed fetch is "not found", logged
+                log(f"adapter {lora_name!r}: cannot fetch it ({exc})")
+                return None
+            log(f"adapter {lora_name!r}: fetched {uri} for loading")
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+    LoRAResolverRegistry.register_resolver("s3-adapter-index", S3IndexResolver())
+
+
+def serve_in_process(args: list[str], env: dict[str, str], cache_root: Path) -> None:
+    """The vLLM OpenAI server in this process, with the index resolver registered first."""
+    register_index_resolver(env["LORA_INDEX_URI"], cache_root)
+    from vllm.entrypoints.launchers.api_server.entry import main as serve
+
+    sys.argv = ["vllm-openai-api-server", *args]
+    serve()
+
+
 def vllm_args(env: dict[str, str], cache_root: Path) -> list[str]:
     """VLLM_ARGS with the model (and LoRA adapters) fetched and put in place."""
     args = json.loads(env.get("VLLM_ARGS", "[]"))
@@ -107,13 +166,15 @@ def vllm_args(env: dict[str, str], cache_root: Path) -> list[str]:
     else:
         model = str(fetch(uri, cache_root))
     args = [a.replace("{model}", model) for a in args]
-    adapters = json.loads(env.get("LORA_ADAPTERS", "{}"))
+    adapters = startup_adapters(env)
     if adapters:
         args += ["--lora-modules", *[f"{name}={fetch(a_uri, cache_root)}" for name, a_uri in adapters.items()]]
     return args
 
 
 def build_command(env: dict[str, str], cache_root: Path) -> list[str]:
+    if runtime_lora(env):
+        return [sys.executable, str(Path(__file__).resolve()), "api-server", *vllm_args(env, cache_root)]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(env, cache_root)]
 
 
@@ -168,6 +229,9 @@ def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ENTRYPOINT_MODE", "serve")  # `entrypoint.py batch`
     if mode == "batch":
         sys.exit(run_batch(dict(os.environ), cache_root))
+    if mode == "api-server":  # what build_command execs when adapters can change at run time
+        serve_in_process(sys.argv[2:], dict(os.environ), cache_root)
+        return
     if mode != "serve":
         raise SystemExit(f"[entrypoint] ENTRYPOINT_MODE must be 'serve' or 'batch', not {mode!r}")
     cmd = build_command(dict(os.environ), cache_root)
