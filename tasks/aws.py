@@ -8,7 +8,8 @@ knows which one it talks to.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from botocore.config import Config
 from botocore.loaders import create_loader
@@ -75,6 +76,21 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
+
+
+T = TypeVar("T")
+
+
+def unless_gone(call: Callable[[], T], *codes: str, says: str = "") -> T | None:
+    """call()'s answer, or None when AWS answers one of `codes` (and, for services that tell
+    "not found" only in the message, `says` in it): the resource is already gone. Deletes treat
+    that as done, describes as nothing to do; every other error is raised."""
+    try:
+        return call()
+    except ClientError as exc:
+        if error_code(exc) in codes and says.lower() in str(exc).lower():
+            return None
+        raise
 
 
 class Aws:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from blocks.catalogue import gpu_instances
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.vllm_server import VllmServerSettings
-from tasks.aws import Aws, error_code
+from tasks.aws import Aws, error_code, unless_gone
 from tasks.naming import log_group_name, resource_name, short_name, tag_list
 
 CONTAINER = "vllm"
@@ -59,13 +59,7 @@ def ensure_log_group(aws: Aws, stack: str, retention_days: int) -> tuple[str, bo
 
 
 def delete_log_group(aws: Aws, name: str) -> bool:
-    try:
-        aws.client("logs").delete_log_group(logGroupName=name)
-    except ClientError as exc:
-        if error_code(exc) == "ResourceNotFoundException":
-            return False
-        raise
-    return True
+    return unless_gone(lambda: aws.client("logs").delete_log_group(logGroupName=name), "ResourceNotFoundException") is not None
 
 
 def last_log_lines(aws: Aws, stack: str, lines: int = 20) -> list[str]:
@@ -249,25 +243,16 @@ def ensure_listener(aws: Aws, stack: str, capacity: EcsGpuCapacity, lb_arn: str,
 
 def delete_load_balancer(aws: Aws, arn: str) -> bool:
     elb = aws.client("elbv2")
-    try:
-        elb.describe_load_balancers(LoadBalancerArns=[arn])
-    except ClientError as exc:
-        if error_code(exc) == "LoadBalancerNotFound":
-            return False
-        raise
+    if unless_gone(lambda: elb.describe_load_balancers(LoadBalancerArns=[arn]), "LoadBalancerNotFound") is None:
+        return False
     elb.delete_load_balancer(LoadBalancerArn=arn)  # its listeners go with it
     elb.get_waiter("load_balancers_deleted").wait(LoadBalancerArns=[arn], WaiterConfig={"Delay": 5, "MaxAttempts": 60})
     return True
 
 
 def delete_target_group(aws: Aws, arn: str) -> bool:
-    try:
-        aws.client("elbv2").delete_target_group(TargetGroupArn=arn)
-    except ClientError as exc:
-        if error_code(exc) == "TargetGroupNotFound":
-            return False
-        raise  # ResourceInUse while the load balancer drains: retried
-    return True
+    # ResourceInUse while the load balancer drains is raised: the delete task retries it
+    return unless_gone(lambda: aws.client("elbv2").delete_target_group(TargetGroupArn=arn), "TargetGroupNotFound") is not None
 
 
 # --------------------------------------------------------------------------------------------- service
@@ -309,12 +294,8 @@ def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: 
 def delete_service(aws: Aws, cluster: str, name: str, timeout_s: float = 900) -> bool:
     """Scale to zero, delete, and wait until ECS calls it INACTIVE (its tasks stopped)."""
     ecs = aws.client("ecs")
-    try:
-        found = [s for s in ecs.describe_services(cluster=cluster, services=[name])["services"] if s["status"] != "INACTIVE"]
-    except ClientError as exc:
-        if error_code(exc) == "ClusterNotFoundException":
-            return False
-        raise
+    found = [s for s in (unless_gone(lambda: ecs.describe_services(cluster=cluster, services=[name]), "ClusterNotFoundException")
+                         or {}).get("services", []) if s["status"] != "INACTIVE"]
     if not found:
         return False
     if found[0]["status"] == "ACTIVE":

@@ -17,7 +17,7 @@ import time
 from botocore.exceptions import ClientError
 
 from blocks.ecs_capacity import EcsGpuCapacity
-from tasks.aws import Aws, error_code
+from tasks.aws import Aws, error_code, unless_gone
 from tasks.naming import resource_name, tag_list, tags
 
 USER_DATA = """#!/bin/bash
@@ -74,12 +74,9 @@ def ensure_launch_template(aws: Aws, stack: str, data: dict) -> tuple[str, bool]
     """Get-or-create; a changed AMI/profile/instance type becomes a new version made the default."""
     ec2 = aws.client("ec2")
     name = resource_name(stack, "hosts")
-    try:
-        found = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
-    except ClientError as exc:
-        if error_code(exc) not in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"):
-            raise
-        found = []
+    found = (unless_gone(lambda: ec2.describe_launch_templates(LaunchTemplateNames=[name]),
+                         "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound")
+             or {}).get("LaunchTemplates", [])
     if not found:
         lt = ec2.create_launch_template(
             LaunchTemplateName=name, LaunchTemplateData=data,
@@ -202,13 +199,7 @@ def delete_capacity_provider(aws: Aws, name: str, cluster: str | None) -> bool:
              if cp.get("status") == "ACTIVE"]
     if not found:
         return False
-    try:
-        ecs.delete_capacity_provider(capacityProvider=name)
-    except ClientError as exc:
-        if error_code(exc) in ("ClientException",) and "not found" in str(exc).lower():
-            return False
-        raise
-    return True
+    return unless_gone(lambda: ecs.delete_capacity_provider(capacityProvider=name), "ClientException", says="not found") is not None
 
 
 def delete_auto_scaling_group(aws: Aws, name: str, timeout_s: float = 900) -> bool:
@@ -216,12 +207,10 @@ def delete_auto_scaling_group(aws: Aws, name: str, timeout_s: float = 900) -> bo
     asg = aws.client("autoscaling")
     if not asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]:
         return False
-    try:
-        asg.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
-    except ClientError as exc:
-        if error_code(exc) == "ValidationError" and "not found" in str(exc).lower():
-            return False
-        raise  # ScalingActivityInProgress / ResourceInUse: the delete task retries
+    # ScalingActivityInProgress / ResourceInUse are raised: the delete task retries them
+    if unless_gone(lambda: asg.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True),
+                   "ValidationError", says="not found") is None:
+        return False
     deadline = time.monotonic() + timeout_s
     delay = 2.0
     while asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]:
@@ -235,26 +224,16 @@ def delete_auto_scaling_group(aws: Aws, name: str, timeout_s: float = 900) -> bo
 def delete_launch_template(aws: Aws, lt_id_or_name: str) -> bool:
     ec2 = aws.client("ec2")
     key = {"LaunchTemplateId": lt_id_or_name} if lt_id_or_name.startswith("lt-") else {"LaunchTemplateName": lt_id_or_name}
-    try:
-        ec2.delete_launch_template(**key)
-    except ClientError as exc:
-        if error_code(exc) in ("InvalidLaunchTemplateId.NotFound", "InvalidLaunchTemplateName.NotFoundException",
-                               "InvalidLaunchTemplateId.Malformed"):
-            return False
-        raise
-    return True
+    return unless_gone(lambda: ec2.delete_launch_template(**key), "InvalidLaunchTemplateId.NotFound",
+                       "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.Malformed") is not None
 
 
 def terminate_instances(aws: Aws, instance_ids: list[str]) -> bool:
     if not instance_ids:
         return False
     ec2 = aws.client("ec2")
-    try:
-        ec2.terminate_instances(InstanceIds=instance_ids)
-    except ClientError as exc:
-        if error_code(exc) == "InvalidInstanceID.NotFound":
-            return False
-        raise
+    if unless_gone(lambda: ec2.terminate_instances(InstanceIds=instance_ids), "InvalidInstanceID.NotFound") is None:
+        return False
     ec2.get_waiter("instance_terminated").wait(InstanceIds=instance_ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
     return True
 
@@ -267,10 +246,4 @@ def delete_cluster(aws: Aws, cluster: str) -> bool:
     for page in ecs.get_paginator("list_container_instances").paginate(cluster=cluster):
         for arn in page["containerInstanceArns"]:
             ecs.deregister_container_instance(cluster=cluster, containerInstance=arn, force=True)
-    try:
-        ecs.delete_cluster(cluster=cluster)
-    except ClientError as exc:
-        if error_code(exc) == "ClusterNotFoundException":
-            return False
-        raise
-    return True
+    return unless_gone(lambda: ecs.delete_cluster(cluster=cluster), "ClusterNotFoundException") is not None

@@ -15,7 +15,7 @@ import json
 
 from botocore.exceptions import ClientError
 
-from tasks.aws import Aws, error_code
+from tasks.aws import Aws, error_code, unless_gone
 from tasks.naming import iam_path, resource_name, tag_list
 
 POLICY_NAME = "vllm-pipeline"
@@ -144,13 +144,10 @@ def ensure_instance_profile(aws: Aws, stack: str, role_name: str) -> tuple[str, 
 
 def delete_instance_profile(aws: Aws, name: str) -> bool:
     iam = aws.client("iam")
-    try:
-        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    except ClientError as exc:
-        if error_code(exc) == "NoSuchEntity":
-            return False
-        raise
-    for role in profile.get("Roles", []):
+    found = unless_gone(lambda: iam.get_instance_profile(InstanceProfileName=name), "NoSuchEntity")
+    if found is None:
+        return False
+    for role in found["InstanceProfile"].get("Roles", []):
         iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
     iam.delete_instance_profile(InstanceProfileName=name)
     return True
@@ -159,7 +156,8 @@ def delete_instance_profile(aws: Aws, name: str) -> bool:
 def delete_role(aws: Aws, name: str) -> bool:
     """Inline policies and attached managed policies first: IAM refuses to delete a role that has any."""
     iam = aws.client("iam")
-    try:
+
+    def strip_and_delete() -> bool:
         for page in iam.get_paginator("list_role_policies").paginate(RoleName=name):
             for policy in page["PolicyNames"]:
                 iam.delete_role_policy(RoleName=name, PolicyName=policy)
@@ -170,11 +168,9 @@ def delete_role(aws: Aws, name: str) -> bool:
             for profile in page["InstanceProfiles"]:
                 iam.remove_role_from_instance_profile(InstanceProfileName=profile["InstanceProfileName"], RoleName=name)
         iam.delete_role(RoleName=name)
-    except ClientError as exc:
-        if error_code(exc) == "NoSuchEntity":
-            return False
-        raise
-    return True
+        return True
+
+    return unless_gone(strip_and_delete, "NoSuchEntity") is not None
 
 
 def stack_roles(aws: Aws, stack: str) -> tuple[list[str], list[str]]:

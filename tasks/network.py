@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from blocks.ecs_capacity import EcsGpuCapacity
-from tasks.aws import Aws, error_code
+from tasks.aws import Aws, error_code, unless_gone
 from tasks.errors import PipelineInputError
 from tasks.naming import resource_name, tag_list
 
@@ -106,19 +106,12 @@ def wait_for_enis_released(ec2, group_id: str, timeout_s: float = 900) -> None:
 def delete_security_group(aws: Aws, group_id: str) -> bool:
     """Revoke its rules first (another group's rules may point at it), then delete."""
     ec2 = aws.client("ec2")
-    try:
-        group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
-    except ClientError as exc:
-        if error_code(exc) == "InvalidGroup.NotFound":
-            return False
-        raise
+    found = unless_gone(lambda: ec2.describe_security_groups(GroupIds=[group_id]), "InvalidGroup.NotFound")
+    if found is None:
+        return False
+    group = found["SecurityGroups"][0]
     if group.get("IpPermissions"):
         ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=group["IpPermissions"])
     wait_for_enis_released(ec2, group_id)
-    try:
-        ec2.delete_security_group(GroupId=group_id)
-    except ClientError as exc:
-        if error_code(exc) == "InvalidGroup.NotFound":
-            return False
-        raise  # DependencyViolation: an ENI (a draining load balancer) still uses it; the task retries
-    return True
+    # DependencyViolation (an ENI of a draining load balancer still uses it) is raised: the task retries it
+    return unless_gone(lambda: ec2.delete_security_group(GroupId=group_id), "InvalidGroup.NotFound") is not None

@@ -7,7 +7,7 @@ import secrets as pysecrets
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from tasks.aws import aws_client
+from tasks.aws import aws_client, unless_gone
 from tasks.naming import secret_name, tag_list
 
 
@@ -43,10 +43,5 @@ def read_secret(secret_id: str, credentials=None, region: str | None = None) -> 
 def delete_secret(secret_id: str, credentials=None, region: str | None = None) -> bool:
     """Delete now (no recovery window: a torn-down stack leaves nothing). Gone already counts as done."""
     sm = aws_client("secretsmanager", credentials, _region_of(secret_id, region))
-    try:
-        sm.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
-        return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
-            return False
-        raise
+    return unless_gone(lambda: sm.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True),
+                       "ResourceNotFoundException") is not None

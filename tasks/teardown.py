@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.aws import Aws, error_code
+from tasks.aws import Aws, error_code, unless_gone
 from tasks.errors import is_transient
 from tasks.gpu_hosts import (
     delete_auto_scaling_group,
@@ -115,35 +115,21 @@ def _still_there(aws: Aws, r: Resource) -> bool:
     ecs = aws.client("ecs")
     if r.kind == "ecs-task":
         cluster, _, task_id = r.id.rpartition("/")
-        try:
-            tasks = ecs.describe_tasks(cluster=cluster, tasks=[task_id]).get("tasks", [])
-        except ClientError as exc:
-            if error_code(exc) in ("ClusterNotFoundException", "InvalidParameterException"):
-                return False
-            raise
-        return any(t.get("lastStatus") != "STOPPED" for t in tasks)
+        found = unless_gone(lambda: ecs.describe_tasks(cluster=cluster, tasks=[task_id]), "ClusterNotFoundException",
+                            "InvalidParameterException") or {}
+        return any(t.get("lastStatus") != "STOPPED" for t in found.get("tasks", []))
     if r.kind in ("load-balancer", "target-group", "listener"):
         elb = aws.client("elbv2")
         call = {"load-balancer": lambda: elb.describe_load_balancers(LoadBalancerArns=[r.id]),
                 "target-group": lambda: elb.describe_target_groups(TargetGroupArns=[r.id]),
                 "listener": lambda: elb.describe_listeners(ListenerArns=[r.id])}[r.kind]
-        try:
-            call()
-        except ClientError as exc:
-            if error_code(exc) in ("LoadBalancerNotFound", "TargetGroupNotFound", "ListenerNotFound"):
-                return False
-            raise
-        return True
+        return unless_gone(call, "LoadBalancerNotFound", "TargetGroupNotFound", "ListenerNotFound") is not None
     if r.kind == "cluster":
         return any(c["status"] != "INACTIVE" for c in ecs.describe_clusters(clusters=[r.id])["clusters"])
     if r.kind == "service":
         cluster, _, name = r.id.rpartition("/")
-        try:
-            return any(s["status"] != "INACTIVE" for s in ecs.describe_services(cluster=cluster, services=[name])["services"])
-        except ClientError as exc:
-            if error_code(exc) == "ClusterNotFoundException":
-                return False
-            raise
+        found = unless_gone(lambda: ecs.describe_services(cluster=cluster, services=[name]), "ClusterNotFoundException") or {}
+        return any(s["status"] != "INACTIVE" for s in found.get("services", []))
     return True
 
 
@@ -250,13 +236,9 @@ def delete_one(aws: Aws, stack: str, r: Resource, cluster: str) -> bool:
         return delete_service(aws, svc_cluster or cluster, name)
     if k == "ecs-task":
         task_cluster, _, task_id = r.id.rpartition("/")
-        try:
-            aws.client("ecs").stop_task(cluster=task_cluster or cluster, task=task_id, reason="vllm-pipeline teardown")
-        except ClientError as exc:
-            if error_code(exc) not in ("InvalidParameterException", "ClusterNotFoundException", "ClientException"):
-                raise
-            return False
-        return True
+        return unless_gone(lambda: aws.client("ecs").stop_task(cluster=task_cluster or cluster, task=task_id,
+                                                               reason="vllm-pipeline teardown"),
+                           "InvalidParameterException", "ClusterNotFoundException", "ClientException") is not None
     if k == "task-definition":
         return bool(deregister_family(aws, r.id))
     if k == "capacity-provider":
@@ -268,13 +250,7 @@ def delete_one(aws: Aws, stack: str, r: Resource, cluster: str) -> bool:
     if k == "launch-template":
         return delete_launch_template(aws, r.id)
     if k == "listener":
-        try:
-            aws.client("elbv2").delete_listener(ListenerArn=r.id)
-        except ClientError as exc:
-            if error_code(exc) != "ListenerNotFound":
-                raise
-            return False
-        return True
+        return unless_gone(lambda: aws.client("elbv2").delete_listener(ListenerArn=r.id), "ListenerNotFound") is not None
     if k == "load-balancer":
         return delete_load_balancer(aws, r.id)
     if k == "target-group":
