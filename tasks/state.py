@@ -104,8 +104,9 @@ def adapter_index_key(stack: str) -> str:
 
 def delete_state(store: ModelStore, stack: str) -> None:
     """The state record and the adapter index: nothing of the stack stays under stacks/<stack>/."""
-    s3_client(store).delete_objects(Bucket=store.bucket_name, Delete={"Objects": [
-        {"Key": state_key(stack)}, {"Key": adapter_index_key(stack)}], "Quiet": True})
+    s3 = s3_client(store)
+    for key in (adapter_index_key(stack), state_key(stack)):  # the record last: it is what says the stack exists
+        s3.delete_object(Bucket=store.bucket_name, Key=key)
 
 
 def list_stacks(store: ModelStore) -> list[StackState]:
