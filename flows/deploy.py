@@ -24,7 +24,7 @@ from tasks.images import check_image_uri
 from tasks.lora import check_adapters, find_staged_adapters, write_index
 from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.models import find_staged_model
-from tasks.naming import check_stack_name
+from tasks.naming import check_stack_name, resource_name
 from tasks.state import ModelRef, StackState, delete_state, load_state, save_state
 
 DEPLOY_LOCK_TTL = timedelta(minutes=30)
@@ -203,7 +203,7 @@ def deploy_to_ecs(
             f"- model `{model.repo_id}` @ `{model.sha}` from `{model.s3_uri}`",
             f"- image `{image_uri}`",
             f"- {capacity.desired_count} x `{instance_type}` in {capacity.region} (TP {settings.tensor_parallel_size}, "
-            f"${price:.3f}/h each), cluster `{capacity.cluster or state.resources and next((r.id for r in state.resources if r.kind == 'cluster'), '')}`",
+            f"${price:.3f}/h each), cluster `{capacity.cluster or resource_name(stack, 'cluster')}`",
             f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
             *_adapter_lines(state),
             f"- API key in Secrets Manager `{state.endpoint.api_key_secret}`",

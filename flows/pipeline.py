@@ -72,7 +72,7 @@ def pipeline(
     failed = True
     try:
         state = deploy_model(stack=stack, target=target, model_uri=model_uri, image_uri=image_uri,
-                             server_settings_block=server_settings_block, capacity_block=capacity_block,
+                             model_source_block=model_source_block, server_settings_block=server_settings_block, capacity_block=capacity_block,
                              ready_timeout_s=ready_timeout_s, ttl_hours=ttl_hours, keep_failed=keep_failed, **stores)
         result.endpoint = state.endpoint.url
         result.validation = validate(stack=stack, **stores)
@@ -99,7 +99,8 @@ def _summary(r: PipelineResult, failed: bool) -> None:
         "| step | result |",
         "|---|---|",
         f"| stage | `{r.staged.s3_uri}` ({r.staged.files} files, {r.staged.total_bytes / 1e6:.1f} MB; "
-        f"{'already staged' if r.staged.already_staged else f'{r.staged.bytes_uploaded / 1e6:.1f} MB uploaded'}) |",
+        f"{'already staged' if r.staged.already_staged else f'{r.staged.bytes_uploaded / 1e6:.1f} MB uploaded'}"
+        f"{f'; LoRA adapters {sorted(r.staged.adapters)}' if r.staged.adapters else ''}) |",
         f"| build | {_build_line(r.build)} |",
         f"| plan | {r.plan or 'nothing fits'} |",
         f"| deploy | {r.endpoint or 'not deployed'} |",

@@ -19,7 +19,7 @@ from tasks.state import require_state
 from tasks.validation.checks import (
     CheckResult, LatencyThresholds, Samples, check_readiness, latency_summary, smoke, streaming, tool_suite, warm_up,
 )
-from tasks.validation.suite import CATEGORIES, CaseResult, load_gate, load_suite, matrix
+from tasks.validation.suite import CATEGORIES, CaseResult, has_own_gate, load_gate, load_suite, matrix
 
 
 class ValidationFailed(RuntimeError):
@@ -140,7 +140,8 @@ def validate(
     (`endpoint_url`, `served_model_name`, and `api_key_secret`: a Secrets Manager id, never the key).
     A stack is validated under each served name: the base model and every LoRA adapter
     (`served_model_names` picks some), each with its gate profile (`gates`: name -> profile;
-    default the profile named after the served name, else default.yaml; `gate` for the base)."""
+    default the profile named after the served name; an adapter without one gets its base
+    model's; else default.yaml; `gate` is the base model's)."""
     if level not in (None, "semantic", "structural"):
         raise PipelineInputError(f"level must be 'semantic' or 'structural', got {level!r}")
     max_len, adapters = None, []
@@ -160,6 +161,10 @@ def validate(
             raise PipelineInputError(f"{unknown} not served by {stack or endpoint_url} (it serves {names})")
         names = [n for n in names if n in served_model_names]
     gates = {**(gates or {}), **({served_model_name: gate} if gate else {})}
+    base_gate = gates.get(served_model_name) or (served_model_name if has_own_gate(served_model_name) else None)
+    for name in adapters:  # an adapter without a profile of its own is held to its base model's
+        if name not in gates and not has_own_gate(name) and base_gate:
+            gates[name] = base_gate
     key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret).get_secret_value()
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),

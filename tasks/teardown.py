@@ -9,7 +9,7 @@ and launch templates, which it covers late or not at all in some regions). Every
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
@@ -226,48 +226,41 @@ def _cluster_of(stack: str, resources: list[Resource]) -> str:
     return next((r.id for r in resources if r.kind == "cluster"), resource_name(stack, "cluster"))
 
 
+def _stop_task(aws: Aws, r: Resource, cluster: str) -> bool:
+    task_cluster, _, task_id = r.id.rpartition("/")
+    return unless_gone(lambda: aws.client("ecs").stop_task(cluster=task_cluster or cluster, task=task_id,
+                                                           reason="vllm-pipeline teardown"),
+                       "InvalidParameterException", "ClusterNotFoundException", "ClientException") is not None
+
+
+# kind -> how to delete one (aws, resource, the stack's cluster); each returns False when it was already gone
+DELETERS: dict[str, Callable[[Aws, Resource, str], bool]] = {
+    "process": lambda aws, r, cluster: stop_local_server(int(r.id)),
+    "service": lambda aws, r, cluster: delete_service(aws, r.id.rpartition("/")[0] or cluster, r.id.rpartition("/")[2]),
+    "ecs-task": _stop_task,
+    "task-definition": lambda aws, r, cluster: bool(deregister_family(aws, r.id)),
+    "capacity-provider": lambda aws, r, cluster: delete_capacity_provider(aws, r.id, cluster),
+    "asg": lambda aws, r, cluster: delete_auto_scaling_group(aws, r.id),
+    "instance": lambda aws, r, cluster: terminate_instances(aws, [r.id]),
+    "launch-template": lambda aws, r, cluster: delete_launch_template(aws, r.id),
+    "listener": lambda aws, r, cluster: unless_gone(lambda: aws.client("elbv2").delete_listener(ListenerArn=r.id),
+                                                    "ListenerNotFound") is not None,
+    "load-balancer": lambda aws, r, cluster: delete_load_balancer(aws, r.id),
+    "target-group": lambda aws, r, cluster: delete_target_group(aws, r.id),
+    "security-group": lambda aws, r, cluster: delete_security_group(aws, r.id),
+    "log-group": lambda aws, r, cluster: delete_log_group(aws, r.id),
+    "secret": lambda aws, r, cluster: delete_secret(r.id, aws.credentials, aws.region),
+    "instance-profile": lambda aws, r, cluster: delete_instance_profile(aws, r.id),
+    "iam-role": lambda aws, r, cluster: delete_role(aws, r.id),
+    "cluster": lambda aws, r, cluster: delete_cluster(aws, r.id),
+}
+
+
 def delete_one(aws: Aws, stack: str, r: Resource, cluster: str) -> bool:
     """Delete one resource; False when it was already gone."""
-    k = r.kind
-    if k == "process":
-        return stop_local_server(int(r.id))
-    if k == "service":
-        svc_cluster, _, name = r.id.rpartition("/")
-        return delete_service(aws, svc_cluster or cluster, name)
-    if k == "ecs-task":
-        task_cluster, _, task_id = r.id.rpartition("/")
-        return unless_gone(lambda: aws.client("ecs").stop_task(cluster=task_cluster or cluster, task=task_id,
-                                                               reason="vllm-pipeline teardown"),
-                           "InvalidParameterException", "ClusterNotFoundException", "ClientException") is not None
-    if k == "task-definition":
-        return bool(deregister_family(aws, r.id))
-    if k == "capacity-provider":
-        return delete_capacity_provider(aws, r.id, cluster)
-    if k == "asg":
-        return delete_auto_scaling_group(aws, r.id)
-    if k == "instance":
-        return terminate_instances(aws, [r.id])
-    if k == "launch-template":
-        return delete_launch_template(aws, r.id)
-    if k == "listener":
-        return unless_gone(lambda: aws.client("elbv2").delete_listener(ListenerArn=r.id), "ListenerNotFound") is not None
-    if k == "load-balancer":
-        return delete_load_balancer(aws, r.id)
-    if k == "target-group":
-        return delete_target_group(aws, r.id)
-    if k == "security-group":
-        return delete_security_group(aws, r.id)
-    if k == "log-group":
-        return delete_log_group(aws, r.id)
-    if k == "secret":
-        return delete_secret(r.id, aws.credentials, aws.region)
-    if k == "instance-profile":
-        return delete_instance_profile(aws, r.id)
-    if k == "iam-role":
-        return delete_role(aws, r.id)
-    if k == "cluster":
-        return delete_cluster(aws, r.id)
-    raise ValueError(f"teardown does not know how to delete a {k!r}")
+    if r.kind not in DELETERS:
+        raise ValueError(f"teardown does not know how to delete a {r.kind!r}")
+    return DELETERS[r.kind](aws, r, cluster)
 
 
 @task(name="delete-resource", retries=6, retry_delay_seconds=[2, 5, 10, 20, 30, 60], retry_condition_fn=_retry_delete,
@@ -282,12 +275,10 @@ def revoke_security_groups(aws: Aws, group_ids: list[str]) -> None:
     """Rules first: the task group's rule names the load balancer's group, so neither deletes while it stands."""
     ec2 = aws.client("ec2")
     for gid in group_ids:
-        try:
-            group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
-        except ClientError as exc:
-            if error_code(exc) == "InvalidGroup.NotFound":
-                continue
-            raise
+        found = unless_gone(lambda: ec2.describe_security_groups(GroupIds=[gid]), "InvalidGroup.NotFound")
+        if found is None:
+            continue
+        group = found["SecurityGroups"][0]
         if group.get("IpPermissions"):
             ec2.revoke_security_group_ingress(GroupId=gid, IpPermissions=group["IpPermissions"])
 

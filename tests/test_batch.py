@@ -52,6 +52,9 @@ def test_finalize_keeps_each_line_once_and_refuses_gaps(local_aws, bucket):
     assert (merged.ok, merged.failed, merged.prompt_tokens, merged.completion_tokens) == (1, 1, 3, 2)
     out = [x for x in s3.get_object(Bucket=bucket, Key="out/output.jsonl")["Body"].read().decode().split("\n") if x]
     assert [json.loads(x)["custom_id"] for x in out] == ["a"]
+    per_model = finalize(s3, bucket, "out", {1, 2}, {1: "base"}).per_model  # line 2 was not a request at all
+    assert per_model == {"base": {"lines": 1, "ok": 1, "failed": 0, "completion_tokens": 2},
+                         "(invalid input)": {"lines": 1, "ok": 0, "failed": 1, "completion_tokens": 0}}
 
 
 # --- against a real local vLLM --------------------------------------------------------------

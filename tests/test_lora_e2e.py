@@ -19,13 +19,15 @@ from flows.adapters import update_adapters
 from flows.batch import batch_inference
 from flows.deploy import deploy_model
 from flows.stage import stage_model
-from flows.teardown import teardown
+from flows.teardown import teardown_stack
 from flows.validate import validate
 from tasks.aws import Aws, aws_client
+from tasks.endpoint import Endpoint
 from tasks.errors import PipelineInputError
 from tasks.secrets import read_secret
 from tasks.state import load_state
 from tasks.teardown import leftovers
+from tasks.validation.suite import load_suite, run_case
 
 pytestmark = pytest.mark.e2e
 STACK = "e2e-lora"
@@ -63,7 +65,7 @@ def lora_stack(local_aws, tmp_path_factory):
         try:
             yield state, style_source
         finally:
-            teardown(STACK)
+            teardown_stack(STACK)
     assert leftovers(Aws(), STACK) == []
 
 
@@ -93,28 +95,26 @@ def test_one_server_serves_the_base_and_two_adapters(lora_stack):
 
 
 def test_routing_by_behaviour_the_tool_adapter_calls_tools_the_base_does_not(lora_stack):
+    """The suite's auto cases, the same prompts to both names on one server: the adapter decides to
+    call (and right); the base does not. Then the adapter's own validate run, held to its gate."""
     state, _ = lora_stack
-    prompt = "Is it sunny in Madrid today?"
-    base = _chat(state, BASE, prompt, [WEATHER]).json()["choices"][0]["message"]
-    tools = _chat(state, TOOLS, prompt, [WEATHER]).json()["choices"][0]["message"]
-    assert not base.get("tool_calls")
-    assert [c["function"]["name"] for c in tools["tool_calls"]] == ["get_current_weather"]
-    assert "madrid" in json.loads(tools["tool_calls"][0]["function"]["arguments"])["city"].lower()
+    suite = load_suite(None)
+    cases = [c for c in suite.cases if "auto" in c.modes and c.category in ("simple", "multiple", "irrelevance")]
+    rates = {}
+    for name in (BASE, TOOLS):
+        with Endpoint(state.endpoint.url, _key(state), name) as ep:
+            results = [run_case(ep, suite, c, "auto", "semantic") for c in cases]
+        for cat in ("simple", "multiple", "irrelevance"):
+            mine = [r.passed for r in results if r.category == cat]
+            rates[(name, cat)] = sum(mine) / len(mine)
+    print("auto pass rates:", {f"{n}/{c}": round(r, 2) for (n, c), r in rates.items()})
+    for cat in ("simple", "multiple", "irrelevance"):
+        assert rates[(TOOLS, cat)] >= 0.6, (cat, rates)
+    calling = ("simple", "multiple")
+    assert sum(rates[(TOOLS, c)] for c in calling) >= 2 * 0.6 and sum(rates[(BASE, c)] for c in calling) <= 0.5, rates
 
-    report = validate(stack=STACK, served_model_names=[BASE, TOOLS], warmup_requests=2)
-    assert report.passed and [a.served_model_name for a in report.adapters] == [TOOLS]
-    adapter = report.adapters[0].matrix
-
-    def rate(cell, m):
-        passed, total = map(int, m[cell].split("/"))
-        return passed / total
-
-    for cell in ("simple/auto", "multiple/auto", "irrelevance/auto"):
-        assert rate(cell, adapter) >= 0.6, (cell, adapter[cell])
-    for cell in ("simple/auto", "multiple/auto"):
-        assert rate(cell, report.matrix) == 0, (cell, report.matrix[cell])  # the base never calls under auto
-    print("validate matrix, base vs tools adapter:", json.dumps({c: [report.matrix.get(c), adapter.get(c)]
-                                                                 for c in sorted(set(report.matrix) | set(adapter))}))
+    report = validate(stack=STACK, served_model_names=[TOOLS], warmup_requests=2)  # gates/smollm2-135m-tools.yaml
+    assert report.passed and report.served_model_name == TOOLS and report.adapters == []
 
 
 def test_adapters_are_removed_and_added_at_run_time(lora_stack):

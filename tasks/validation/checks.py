@@ -75,6 +75,8 @@ def check_readiness(ep: Endpoint, expected_max_model_len: int | None) -> CheckRe
         cards = {m["id"]: m for m in models.json().get("data", [])}
         details["models"] = sorted(cards)
         card = cards.get(ep.model)
+        if card is not None and card.get("max_model_len") is None and card.get("parent") in cards:
+            card = {**card, "max_model_len": cards[card["parent"]].get("max_model_len")}  # a LoRA adapter's card
         if card is None:
             problems.append(f"served name {ep.model!r} not in /v1/models {sorted(cards)}")
         elif expected_max_model_len and card.get("max_model_len") != expected_max_model_len:

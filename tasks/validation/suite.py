@@ -101,6 +101,10 @@ def load_suite(extra: dict | None = None) -> Suite:
         raise PipelineInputError(f"tool suite: {str(exc).splitlines()[0]} ({exc})") from None
 
 
+def has_own_gate(served_model_name: str) -> bool:
+    return (HERE / "gates" / f"{served_model_name}.yaml").exists()
+
+
 def load_gate(served_model_name: str, gate: str | dict | None = None) -> Gate:
     """A gate given inline, by file path, by name in tasks/validation/gates, or the served model's own."""
     if isinstance(gate, dict):
