@@ -40,10 +40,10 @@ class ValidationReport(BaseModel):
 def validate_endpoint(
     url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
     gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
-    warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True,
+    warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True, modes: list[str] | None = None,
 ) -> ValidationReport:
     logger = get_run_logger()
-    suite = load_suite(extra_cases)  # bad user cases fail here, before any request
+    suite = load_suite(extra_cases, modes)  # bad user cases fail here, before any request
     gate_profile = load_gate(served_model_name, gate)
     if level:
         gate_profile = gate_profile.model_copy(update={"level": level})
@@ -131,6 +131,7 @@ def validate(
     gate: str | None = None,
     gates: dict[str, str] | None = None,
     served_model_names: list[str] | None = None,
+    modes: list[str] | None = None,
     extra_cases: dict | None = None,
     thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: int = 8,
@@ -141,7 +142,8 @@ def validate(
     A stack is validated under each served name: the base model and every LoRA adapter
     (`served_model_names` picks some), each with its gate profile (`gates`: name -> profile;
     default the profile named after the served name; an adapter without one gets its base
-    model's; else default.yaml; `gate` is the base model's)."""
+    model's; else default.yaml; `gate` is the base model's). `modes` runs only those tool_choice
+    modes of the suite (["auto"]: a quick run of what each model decides by itself)."""
     if level not in (None, "semantic", "structural"):
         raise PipelineInputError(f"level must be 'semantic' or 'structural', got {level!r}")
     max_len, adapters = None, []
@@ -168,7 +170,7 @@ def validate(
     key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret).get_secret_value()
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
-                          extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests,
+                          extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,
                           artifact_key=key if name == served_model_name else _name_key(key, name),
                           raise_on_failure=len(names) == 1)
         for name in names

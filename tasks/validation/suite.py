@@ -6,7 +6,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
@@ -90,15 +90,24 @@ class CaseResult(BaseModel):
     calls: list[dict] = Field(default_factory=list)
 
 
-def load_suite(extra: dict | None = None) -> Suite:
-    """The repo's suite plus a user's: {tools: {...}, cases: [...]} (a parameter of the validate flow)."""
+def load_suite(extra: dict | None = None, modes: list[str] | None = None) -> Suite:
+    """The repo's suite plus a user's: {tools: {...}, cases: [...]} (a parameter of the validate flow).
+    `modes` keeps only those tool_choice modes (a quick run: `["auto"]` asks only what a model
+    decides by itself)."""
     raw = yaml.safe_load((HERE / "cases" / "default.yaml").read_text())
     if extra:
         raw = {"tools": {**raw["tools"], **(extra.get("tools") or {})}, "cases": raw["cases"] + list(extra.get("cases") or [])}
+    unknown = sorted(set(modes or []) - set(get_args(Mode)))
+    if unknown or modes == []:
+        raise PipelineInputError(f"modes must be some of {list(get_args(Mode))}, got {modes}")
     try:
-        return Suite.model_validate(raw)
+        suite = Suite.model_validate(raw)
     except ValueError as exc:
         raise PipelineInputError(f"tool suite: {str(exc).splitlines()[0]} ({exc})") from None
+    if modes:
+        kept = [c.model_copy(update={"modes": [m for m in c.modes if m in modes]}) for c in suite.cases]
+        suite = suite.model_copy(update={"cases": [c for c in kept if c.modes]})
+    return suite
 
 
 def has_own_gate(served_model_name: str) -> bool:
