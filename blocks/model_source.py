@@ -34,6 +34,12 @@ SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def check_served_name(value: str) -> str:
+    if not SERVED_NAME.match(value):
+        raise ValueError(f"{value!r} is not a usable served model name")
+    return value
+
+
 def check_revision(value: str) -> str:
     if not _REVISION.match(value) or ".." in value:
         raise ValueError(f"{value!r} is not a git revision (branch, tag or commit sha)")
@@ -50,9 +56,7 @@ class LoraAdapter(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not SERVED_NAME.match(value):
-            raise ValueError(f"{value!r} is not a usable served model name")
-        return value
+        return check_served_name(value)
 
     @field_validator("source")
     @classmethod

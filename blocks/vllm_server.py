@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator
 
-from blocks.model_source import SERVED_NAME
+from blocks.model_source import check_served_name
 
 # vLLM 0.32's registered tool-call parsers (ToolParserManager.list_registered()).
 TOOL_CALL_PARSERS = frozenset(
@@ -126,9 +126,7 @@ class VllmServerSettings(Block):
     @field_validator("served_model_name")
     @classmethod
     def _served(cls, value: str) -> str:
-        if not SERVED_NAME.match(value):
-            raise ValueError(f"{value!r} is not a usable served model name")
-        return value
+        return check_served_name(value)
 
     @field_validator("extra_args")
     @classmethod

@@ -136,7 +136,7 @@ def _same_repo(a: str, b: str) -> bool:
     return a.strip().strip("/").lower() == b.strip().strip("/").lower()
 
 
-def adapter_problems(name: str, config: dict | None, shapes: dict[str, list[int]], base_repo_id: str,
+def adapter_problems(config: dict | None, shapes: dict[str, list[int]], base_repo_id: str,
                      base_shapes: dict[str, list[int]], max_lora_rank: int) -> list[str]:
     """Why this adapter cannot be served on this base with this rank limit; empty when it can."""
     if config is None:
@@ -197,7 +197,7 @@ def check_adapters(store: ModelStore, base: ModelRef, adapters: dict[str, ModelR
             if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                 raise
             shapes = {}
-        problems = adapter_problems(name, config, shapes, base.repo_id, base_shapes, max_lora_rank)
+        problems = adapter_problems(config, shapes, base.repo_id, base_shapes, max_lora_rank)
         if config is not None and not shapes:
             problems.append(f"no {ADAPTER_WEIGHTS}")
         if problems:

@@ -63,8 +63,8 @@ def _config(**kw):
 
 
 def test_a_fitting_adapter_has_no_problems():
-    assert adapter_problems("a", _config(), _lora_shapes(), "acme/tiny", SHAPES, 16) == []
-    assert adapter_problems("a", _config(base_model_name_or_path="ACME/Tiny/"), _lora_shapes(), "acme/tiny", SHAPES, 8) == []
+    assert adapter_problems(_config(), _lora_shapes(), "acme/tiny", SHAPES, 16) == []
+    assert adapter_problems(_config(base_model_name_or_path="ACME/Tiny/"), _lora_shapes(), "acme/tiny", SHAPES, 8) == []
 
 
 @pytest.mark.parametrize("config,shapes,needle", [
@@ -80,7 +80,7 @@ def test_a_fitting_adapter_has_no_problems():
     (_config(), {}, "holds no LoRA weights"),
 ])
 def test_adapter_problems_name_what_does_not_fit(config, shapes, needle):
-    problems = adapter_problems("a", config, shapes, "acme/tiny", SHAPES, 16)
+    problems = adapter_problems(config, shapes, "acme/tiny", SHAPES, 16)
     assert any(needle in p for p in problems), problems
 
 
