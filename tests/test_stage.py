@@ -54,6 +54,9 @@ def test_stages_byte_identical_with_manifest(hub, bucket, tiny_model):
     manifest = read_manifest(aws_client("s3"), bucket, result.prefix)
     assert {f.path: f.sha256 for f in manifest.files} == {p: repo.files[p].sha256 for p in expected}
     assert result.bytes_uploaded == sum(repo.files[p].size for p in expected)
+    # The multipart objects carry S3's CRC32 (per part and composite), as boto3's upload_file leaves them.
+    head = aws_client("s3").head_object(Bucket=bucket, Key=f"{result.prefix}/{BIG}", ChecksumMode="ENABLED")
+    assert head["ContentLength"] > SMALL_PARTS.part_size_mib * 1024 * 1024 and head.get("ChecksumCRC32")
 
 
 def test_second_run_transfers_nothing(hub, bucket):
@@ -99,6 +102,25 @@ def test_killed_run_resumes_without_resending_parts(hub, bucket, tiny_model):
     assert _objects(bucket, result.prefix)[BIG] == (tiny_model / BIG).read_bytes()
     assert result.bytes_uploaded <= result.total_bytes - 2 * 5 * 1024 * 1024  # the 2 parts done were not sent again
     assert size > 4 * 5 * 1024 * 1024
+
+
+def test_upload_left_without_a_checksum_is_finished_as_begun(hub, bucket, tiny_model):
+    # An upload begun without a checksum algorithm (as an earlier version of the stage flow did)
+    # is completed without part checksums, and its finished parts are not sent again.
+    from tasks.s3 import model_prefix
+
+    part = 5 * 1024 * 1024
+    data = (tiny_model / BIG).read_bytes()
+    key = f"{model_prefix(ModelStore(bucket_name=bucket), 'acme/tiny', HubRepo(tiny_model).sha)}/{BIG}"
+    s3 = aws_client("s3")
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    for number in (1, 2):
+        s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=data[(number - 1) * part:number * part])
+    assert "ChecksumAlgorithm" not in s3.list_multipart_uploads(Bucket=bucket)["Uploads"][0]
+    result = _run(bucket)
+    assert _objects(bucket, result.prefix)[BIG] == data
+    assert result.bytes_uploaded == result.total_bytes - 2 * part
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
 def test_corrupt_hub_bytes_are_never_accepted(hub, bucket):
