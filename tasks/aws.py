@@ -23,6 +23,11 @@ _BASE_CONFIG = Config(
     read_timeout=120,
     retries={"mode": "standard", "max_attempts": 6},
     max_pool_connections=64,
+    # No SHA-256 of every request body for the SigV4 signature: over HTTPS botocore already leaves
+    # streamed uploads unsigned (TLS + the CRC32 checksum cover them); this extends that to plain-HTTP
+    # S3 endpoints (MinIO, the local stand-in), where the hash was a second full pass over every byte
+    # on top of the CRC32, which is still sent and checked, and our own sha256 check against the Hub.
+    s3={"payload_signing_enabled": False},
 )
 
 TRANSIENT_ERROR_CODES = frozenset(
