@@ -19,7 +19,7 @@ from tasks.progress import Progress
 from tasks.s3 import model_prefix
 from tasks.state import ModelRef
 from tasks.staging import check_model_store, find_manifest, stage_file, write_model_manifest
-from tasks.transfer import FileResult, TransferSettings
+from tasks.transfer import FileResult, TransferSettings, staging_order
 
 
 class StagedModel(BaseModel):
@@ -63,7 +63,7 @@ def stage(source: ModelSource, store: ModelStore, transfer: TransferSettings) ->
         return result
 
     progress = Progress(_artifact_key(source.repo_id) + "-progress", snapshot.total_bytes, f"Staging {source.repo_id}@{snapshot.sha[:12]}")
-    pending = sorted(snapshot.files, key=lambda f: -f.size)  # big files first: the tail is short
+    pending = staging_order(snapshot.files, transfer)
     running, results = [], []
     try:
         while pending or running:
