@@ -13,12 +13,16 @@ to the local S3 (moto):
         Prefect overhead is in the numbers. Timed from resolving the revision to the last file
         completed.
   a     the usual guides' approach: `huggingface_hub.snapshot_download(local_dir=...)` of the
-        same file selection to disk, then `boto3.client("s3").upload_file` of each file, one
-        after the other, with boto3's default TransferConfig. Timed from the download call to
-        the last upload.
+        same file selection to disk, then `upload_file` of each file, one after the other,
+        with boto3's default TransferConfig. Timed from the download call to the last upload.
   b     the ceiling: `upload_file` (default TransferConfig) of the same bytes already on local
         disk (the folder the Hub serves), the files concurrently with the same max workers as
-        ours, through the project's S3 client (`tasks.aws.aws_client`, as ours uses).
+        ours and in the same order.
+
+All three use the same S3 client (`tasks.aws.aws_client`), so what differs is the approach,
+not client settings: over the stand-in's plain HTTP a default `boto3.client("s3")` would also
+SHA-256 every request body for its signature, which it does not do against AWS (HTTPS), and
+that would flatter ours against (a). `--plain-a` runs (a) with a default client instead.
 
 Each run writes into its own fresh bucket (created before, checked and deleted after the timed
 part), so nothing is skipped as already present; (a) downloads into a fresh folder each run.
@@ -35,8 +39,10 @@ process and temporary folder is removed at the end, also on an error, Ctrl-C or 
 
 Run:  make bench     (= .venv/bin/python bench/stage.py)
       .venv/bin/python bench/stage.py --mb 60 --repeat 1      (a quick small run)
-Options: --mb (payload MB, default 200), --repeat (default 3), --shards (default 4),
-         --tmpdir (where the payload and downloads go; default: the system temp dir).
+Options: --mb (payload MB, default 200), --repeat (default 5), --shards (default 4),
+         --tmpdir (where the payload and downloads go; default: the system temp dir),
+         --files-in-flight / --parts-in-flight / --part-size-mib (ours; default TransferSettings'),
+         --plain-a (see above).
 
 Exit status: 0 when the report was printed, whether the targets pass or miss (it is a report,
 not a test); 1 when a run failed (its error is printed) or the services could not start.
@@ -177,7 +183,7 @@ def _concurrently(fn, items, workers: int) -> list:
 
 def run_ours(ctx: dict, bucket: str) -> float:
     from tasks.hub import file_url, hub_headers, resolve_revision
-    from tasks.transfer import http_pool, stream_file
+    from tasks.transfer import http_pool, staging_order, stream_file
 
     s3, settings, source = ctx["s3_project"], ctx["settings"], ctx["source"]
     started = time.perf_counter()
@@ -189,7 +195,7 @@ def run_ours(ctx: dict, bucket: str) -> float:
         with http_pool(settings.parts_in_flight) as http:  # as tasks.staging.stage_file
             return stream_file(s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings)
 
-    files = sorted(snapshot.files, key=lambda f: -f.size)  # big files first, as the flow does
+    files = staging_order(snapshot.files, settings)  # the flow's order
     results = _concurrently(one, files, settings.files_in_flight)
     seconds = time.perf_counter() - started
     skipped = [r.path for r in results if r.skipped]
@@ -202,7 +208,7 @@ def run_ours(ctx: dict, bucket: str) -> float:
 def run_a(ctx: dict, bucket: str, rep: int) -> float:
     from huggingface_hub import snapshot_download
 
-    s3 = ctx["s3_plain"]
+    s3 = ctx["s3_a"]
     local_dir = ctx["work"] / f"download-{rep}"
     try:
         started = time.perf_counter()
@@ -217,8 +223,10 @@ def run_a(ctx: dict, bucket: str, rep: int) -> float:
 
 
 def run_b(ctx: dict, bucket: str) -> float:
+    from tasks.transfer import staging_order
+
     s3, folder = ctx["s3_project"], ctx["folder"]
-    paths = sorted(ctx["paths"], key=lambda p: -(folder / p).stat().st_size)  # same order as ours
+    paths = [f.path for f in staging_order(ctx["files"], ctx["settings"])]  # the same order as ours
 
     def one(path: str) -> None:
         s3.upload_file(str(folder / path), bucket, f"{ctx['prefix']}/{path}")
@@ -289,9 +297,13 @@ def report(ctx: dict, times: dict[str, list[float]], failures: list[str]) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=200, help="payload size in MB (10^6 bytes); default 200")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each approach, interleaved; default 3")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each approach, interleaved; default 5")
     parser.add_argument("--shards", type=int, default=4, help="safetensors shards the payload is split into; default 4")
     parser.add_argument("--tmpdir", default=None, help="where the payload and downloads go (default: system temp)")
+    parser.add_argument("--files-in-flight", type=int, help="ours (and b's file concurrency); default: TransferSettings'")
+    parser.add_argument("--parts-in-flight", type=int, help="ours; default: TransferSettings'")
+    parser.add_argument("--part-size-mib", type=int, help="ours; default: TransferSettings'")
+    parser.add_argument("--plain-a", action="store_true", help="(a) with a default boto3.client('s3'), as the guides write it")
     args = parser.parse_args(argv)
     if args.mb <= 0 or args.repeat < 1 or args.shards < 1:
         parser.error("--mb must be > 0, --repeat and --shards >= 1")
@@ -309,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.hub import resolve_revision
     from tasks.transfer import TransferSettings
 
-    settings = TransferSettings()
+    settings = TransferSettings(**{k: v for k, v in (
+        ("files_in_flight", args.files_in_flight), ("parts_in_flight", args.parts_in_flight), ("part_size_mib", args.part_size_mib),
+    ) if v is not None})
     hub_proc = None
     failures: list[str] = []
     times: dict[str, list[float]] = {a: [] for a in APPROACHES}
@@ -332,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             total = snapshot.total_bytes
             ctx = {
                 "settings": settings, "source": source, "endpoint": endpoint, "folder": folder, "work": work,
-                "paths": paths, "prefix": prefix, "total_bytes": total,
+                "paths": paths, "files": snapshot.files, "prefix": prefix, "total_bytes": total,
                 "expected": {f"{prefix}/{f.path}": f.size for f in snapshot.files},
-                "s3_project": aws_client("s3"),  # the project's client (ours, b, bucket admin)
-                "s3_plain": boto3.client("s3"),  # what the guides make (a)
+                "s3_project": aws_client("s3"),  # ours, b and the bucket admin
+                "s3_a": boto3.client("s3") if args.plain_a else aws_client("s3"),
             }
             tc = TransferConfig()
             print(
@@ -344,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"ours: files_in_flight={settings.files_in_flight} parts_in_flight={settings.parts_in_flight} "
                 f"part_size={settings.part_size_mib} MiB; boto3 default TransferConfig: "
                 f"chunk {tc.multipart_chunksize // (1 << 20)} MiB, {tc.max_request_concurrency} threads per file\n"
+                f"S3 client of (a): {'default boto3.client(s3)' if args.plain_a else 'the project client, as ours and b'}\n"
                 f"machine: {os.cpu_count()} CPUs; {args.repeat} run(s) of each, interleaved",
                 flush=True,
             )
