@@ -6,8 +6,8 @@ safetensors shards, plus config/tokenizer json files), served by the local Hub a
 to the local S3 (moto):
 
   ours  our streamed staging: `tasks.transfer.stream_file` for every selected file (Hub HTTP
-        reads feed S3 multipart uploads directly, sha256 verified, nothing on disk), the files
-        run concurrently in a ThreadPoolExecutor(max_workers=TransferSettings().files_in_flight).
+        reads feed S3 multipart uploads directly, sha256 verified, nothing on disk), as the flow
+        runs it: `files_in_flight` files at once, their parts on one shared part pool.
         The plain functions are called (revision resolution via `resolve_revision.fn`, URLs via
         `tasks.hub.file_url`, headers via `tasks.hub.hub_headers`), not the Prefect flow, so no
         Prefect overhead is in the numbers. Timed from resolving the revision to the last file
@@ -192,11 +192,14 @@ def run_ours(ctx: dict, bucket: str) -> float:
     prefix = f"{snapshot.repo_id}/{snapshot.sha}"
 
     def one(f):
-        with http_pool(settings.parts_in_flight) as http:  # as tasks.staging.stage_file
-            return stream_file(s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings)
+        with http_pool(settings.streams) as http:  # as tasks.staging.stage_file
+            return stream_file(
+                s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings, parts
+            )
 
-    files = staging_order(snapshot.files, settings)  # the flow's order
-    results = _concurrently(one, files, settings.files_in_flight)
+    files = staging_order(snapshot.files, settings)  # the flow's order and concurrency
+    with settings.part_pool() as parts:
+        results = _concurrently(one, files, settings.files_in_flight)
     seconds = time.perf_counter() - started
     skipped = [r.path for r in results if r.skipped]
     uploaded = sum(r.bytes_uploaded for r in results)
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"payload: {len(paths)} files, {total / MB:.1f} MB ({args.shards} safetensors shards), "
                 f"{REPO_ID}@{snapshot.sha[:12]}\n"
                 f"ours: files_in_flight={settings.files_in_flight} parts_in_flight={settings.parts_in_flight} "
+                f"({settings.streams} streams shared by the files) "
                 f"part_size={settings.part_size_mib} MiB; boto3 default TransferConfig: "
                 f"chunk {tc.multipart_chunksize // (1 << 20)} MiB, {tc.max_request_concurrency} threads per file\n"
                 f"S3 client of (a): {'default boto3.client(s3)' if args.plain_a else 'the project client, as ours and b'}\n"

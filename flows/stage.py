@@ -64,17 +64,19 @@ def stage(source: ModelSource, store: ModelStore, transfer: TransferSettings) ->
 
     progress = Progress(_artifact_key(source.repo_id) + "-progress", snapshot.total_bytes, f"Staging {source.repo_id}@{snapshot.sha[:12]}")
     pending = staging_order(snapshot.files, transfer)
+    parts = transfer.part_pool()
     running, results = [], []
     try:
         while pending or running:
             while pending and len(running) < transfer.files_in_flight:
                 f = pending.pop(0)
-                running.append(stage_file.submit(source, store, snapshot, prefix, f, transfer, progress))
+                running.append(stage_file.submit(source, store, snapshot, prefix, f, transfer, parts, progress))
             finished = next(as_completed(running))
             running.remove(finished)
             results.append(finished.result())
     finally:
         wait(running)  # never leave a transfer running behind a failed one
+        parts.shutdown(wait=True)
     progress.finish()
     write_model_manifest(store, prefix, snapshot, results)
     result = StagedModel(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -36,14 +38,16 @@ def find_manifest(store: ModelStore, prefix: str, snapshot: RepoSnapshot) -> Man
 
 @task(name="stage-file", task_run_name="stage-{f.path}", **_RETRY)
 def stage_file(
-    source: ModelSource, store: ModelStore, snapshot: RepoSnapshot, prefix: str, f: HubFile, transfer: TransferSettings, progress=None
+    source: ModelSource, store: ModelStore, snapshot: RepoSnapshot, prefix: str, f: HubFile, transfer: TransferSettings,
+    parts: Executor, progress=None,
 ) -> FileResult:
+    """One file; `parts` is the run's shared part pool (`TransferSettings.part_pool`)."""
     logger = get_run_logger()
     s3 = s3_client(store)
-    with http_pool(transfer.parts_in_flight) as http:
+    with http_pool(transfer.streams) as http:
         result = stream_file(
             s3, http, file_url(snapshot, f.path), hub_headers(source), store.bucket_name, f"{prefix}/{f.path}", f, transfer,
-            on_bytes=progress.add if progress else (lambda n: None),
+            parts, on_bytes=progress.add if progress else (lambda n: None),
         )
     if result.skipped:
         logger.info("%s: already in S3 and verified, skipped", f.path)

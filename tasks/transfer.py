@@ -1,8 +1,10 @@
 """Streaming one Hub file into S3: HTTP range reads feed S3 multipart uploads directly.
 
 Bytes never land on disk. Each part is one HTTP Range GET followed by one `upload_part`,
-`parts_in_flight` of them at once, so a file downloads and uploads in parallel; memory per
-file is bounded by `parts_in_flight` parts, not by the file size. The sha256 is computed in
+run on a pool of part workers that all the files of one run share (`part_pool`), so a file
+downloads and uploads in parallel, a file alone (a one-file model, the last big file) gets
+every worker, and a file's CompleteMultipartUpload holds none. Memory is bounded by the
+parts in flight, not by the file size. The sha256 is computed in
 order as parts arrive, and the multipart upload is completed only when size and hash match
 what the Hub advertised: anything else is aborted, so S3 never holds a wrong object under
 the final key. A dropped connection costs one part's GET, not the file. A multipart upload
@@ -25,7 +27,7 @@ import hashlib
 import time
 import zlib
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 import urllib3
@@ -38,18 +40,31 @@ MiB = 1024 * 1024
 
 
 class TransferSettings(BaseModel):
-    """How much is in flight at once. Memory ~ files_in_flight x parts_in_flight x part size.
+    """How much is in flight at once: `streams` = files_in_flight x parts_in_flight part workers,
+    shared by the run's files. Memory ~ streams x part size (at most files_in_flight x that,
+    when one slow part holds back the in-order hashing of every open file).
 
-    The defaults (2 files x 4 parts of 16 MiB: 8 streams, ~128 MiB) keep a 1-2 vCPU flow
-    runner busy without thrashing it: there the copy is CPU-bound (TLS, sha256, CRC32), and
-    on the 2-core bench 16 streams were ~10 % slower than 8. A single-file model still gets
-    4 streams. Raise both on a big runner with a fast network.
+    The defaults (2 files, 8 streams of 16 MiB parts, ~128 MiB) keep a 1-2 vCPU flow runner
+    busy without thrashing it: there the copy is CPU-bound (TLS, sha256, CRC32), and on the
+    2-core bench 16 streams were ~10 % slower than 8. Raise both on a big runner with a fast
+    network.
     """
 
     part_size_mib: int = Field(default=16, ge=5, le=512, description="S3 multipart part size (S3's minimum is 5 MiB).")
-    files_in_flight: int = Field(default=2, ge=1, le=64)
-    parts_in_flight: int = Field(default=4, ge=1, le=64, description="Parts of one file downloading/uploading at once.")
+    files_in_flight: int = Field(default=2, ge=1, le=64, description="Files started at once.")
+    parts_in_flight: int = Field(
+        default=4, ge=1, le=64, description="Part workers per file in flight; the run's files share all of them."
+    )
     reconnects: int = Field(default=5, ge=0, le=50, description="Retries of one part's download before the file fails.")
+
+    @property
+    def streams(self) -> int:
+        """Parts downloading/uploading at once across the run."""
+        return self.files_in_flight * self.parts_in_flight
+
+    def part_pool(self) -> ThreadPoolExecutor:
+        """The part workers one run's files share (shut it down when the run ends)."""
+        return ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="part")
 
 
 class FileResult(BaseModel):
@@ -145,8 +160,10 @@ def stream_file(
     key: str,
     f: HubFile,
     settings: TransferSettings,
+    parts: Executor,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> FileResult:
+    """Copy one file into S3; `parts` is the run's shared part pool (`TransferSettings.part_pool`)."""
     started = time.monotonic()
     done_sha = existing_object_matches(s3, bucket, key, f)
     if done_sha:
@@ -157,7 +174,7 @@ def stream_file(
         result = _put_small(s3, bucket, key, f, fetch_range(http, url, headers, 0, f.size - 1, settings.reconnects))
         on_bytes(f.size)
     else:
-        result = _put_multipart(s3, http, url, headers, bucket, key, f, part_size, settings, on_bytes)
+        result = _put_multipart(s3, http, url, headers, bucket, key, f, part_size, settings, parts, on_bytes)
     result.seconds = time.monotonic() - started
     return result
 
@@ -213,7 +230,7 @@ def _completed(number: int, part: _Part, algorithm: str | None) -> dict:
 
 def _put_multipart(
     s3, http, url: str, headers: dict[str, str], bucket: str, key: str, f: HubFile, part_size: int,
-    settings: TransferSettings, on_bytes,
+    settings: TransferSettings, pool: Executor, on_bytes,
 ) -> FileResult:
     found = _find_upload(s3, bucket, key)
     if found:
@@ -253,22 +270,22 @@ def _put_multipart(
     sha256 = hashlib.sha256()
     parts: dict[int, _Part] = {}
     uploaded = received = 0
+    window: deque[Future] = deque()  # this file's parts in the shared pool, in order
     try:
-        with ThreadPoolExecutor(max_workers=settings.parts_in_flight, thread_name_prefix="part") as pool:
-            window: deque[Future] = deque()
-            next_part = 1
-            try:
-                for number in range(1, count + 1):  # hash strictly in order; keep at most a window of parts
-                    while next_part <= count and len(window) < settings.parts_in_flight:
-                        window.append(pool.submit(part, next_part))
-                        next_part += 1
-                    data, parts[number], sent = window.popleft().result()
-                    sha256.update(data)
-                    received += len(data)
-                    uploaded += sent
-            finally:
-                for fut in window:
-                    fut.cancel()
+        next_part = 1
+        try:
+            for number in range(1, count + 1):  # hash strictly in order; keep at most `streams` parts of this file
+                while next_part <= count and len(window) < settings.streams:
+                    window.append(pool.submit(part, next_part))
+                    next_part += 1
+                data, parts[number], sent = window.popleft().result()
+                sha256.update(data)
+                received += len(data)
+                uploaded += sent
+        finally:  # on a failure: drop this file's queued parts, let its running ones finish before any abort or retry
+            for fut in window:
+                fut.cancel()
+            wait(window)
         digest = sha256.hexdigest()
         _verify(f, received, digest, None)
     except IntegrityError:

@@ -123,6 +123,42 @@ def test_upload_left_without_a_checksum_is_finished_as_begun(hub, bucket, tiny_m
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
+def test_a_file_alone_gets_every_worker_of_the_shared_part_pool(hub, bucket):
+    # The run's files share files_in_flight x parts_in_flight part workers: one big file keeps all
+    # of them busy (parts_in_flight alone would leave half idle). Each part waits until that many
+    # are in flight, so a smaller window times out instead of passing by luck.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.hub import file_url, resolve_revision
+    from tasks.transfer import http_pool, stream_file
+
+    settings = TransferSettings(part_size_mib=5, files_in_flight=2, parts_in_flight=2)
+
+    class GatedPool(ThreadPoolExecutor):
+        def __init__(self, need: int):
+            super().__init__(max_workers=need)
+            self.need, self.submitted, self.all_in = need, 0, threading.Event()
+
+        def submit(self, fn, *args, **kwargs):
+            self.submitted += 1
+            if self.submitted >= self.need:
+                self.all_in.set()
+
+            def gated():
+                assert self.all_in.wait(10), f"only {self.submitted} parts in flight, want {self.need}"
+                return fn(*args, **kwargs)
+
+            return super().submit(gated)
+
+    snapshot = resolve_revision.fn(ModelSource(repo_id="acme/tiny"))
+    f = next(f for f in snapshot.files if f.path == BIG)
+    assert f.size > settings.streams * 5 * 1024 * 1024
+    with GatedPool(settings.streams) as pool, http_pool(settings.streams) as http:
+        result = stream_file(aws_client("s3"), http, file_url(snapshot, BIG), {}, bucket, f"m/{BIG}", f, settings, pool)
+    assert result.sha256 == f.sha256 and pool.submitted == -(-f.size // (5 * 1024 * 1024))
+
+
 def test_corrupt_hub_bytes_are_never_accepted(hub, bucket):
     hub.inject("corrupt", BIG, times=-1)
     with pytest.raises(Exception, match="sha256"):
