@@ -26,9 +26,11 @@ that would flatter ours against (a). `--plain-a` runs (a) with a default client 
 
 Each run writes into its own fresh bucket (created before, checked and deleted after the timed
 part), so nothing is skipped as already present; (a) downloads into a fresh folder each run.
-The approaches run `--repeat` times, interleaved (ours, a, b, ours, a, b, ...) to spread
-machine noise; the report gives the median seconds and MB/s (payload / median seconds) of
-each, then the ratios against the targets:
+After one untimed warm-up round (the first runs of a session were 20-30 % slower: cold
+connections, threads, moto's first objects), the approaches run `--repeat` times,
+interleaved, each going first in turn (ours a b, a b ours, b ours a, ...) to spread machine
+noise; the report gives the median seconds and MB/s (payload / median seconds) of each, then
+the ratios against the targets:
 
   ours/a time        <= 0.70   (ours takes at most 70% of the usual approach's time)
   ours/b throughput  >= 0.85   (ours reaches 85% of the from-disk upload ceiling)
@@ -42,7 +44,7 @@ Run:  make bench     (= .venv/bin/python bench/stage.py)
 Options: --mb (payload MB, default 200), --repeat (default 5), --shards (default 4),
          --tmpdir (where the payload and downloads go; default: the system temp dir),
          --files-in-flight / --parts-in-flight / --part-size-mib (ours; default TransferSettings'),
-         --plain-a (see above).
+         --no-warmup, --plain-a (see above).
 
 Exit status: 0 when the report was printed, whether the targets pass or miss (it is a report,
 not a test); 1 when a run failed (its error is printed) or the services could not start.
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files-in-flight", type=int, help="ours (and b's file concurrency); default: TransferSettings'")
     parser.add_argument("--parts-in-flight", type=int, help="ours; default: TransferSettings'")
     parser.add_argument("--part-size-mib", type=int, help="ours; default: TransferSettings'")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first round")
     parser.add_argument("--plain-a", action="store_true", help="(a) with a default boto3.client('s3'), as the guides write it")
     args = parser.parse_args(argv)
     if args.mb <= 0 or args.repeat < 1 or args.shards < 1:
@@ -366,19 +369,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"machine: {os.cpu_count()} CPUs; {args.repeat} run(s) of each, interleaved",
                 flush=True,
             )
-            for rep in range(1, args.repeat + 1):
-                for approach in APPROACHES:
+            for rep in range(0 if args.warmup else 1, args.repeat + 1):
+                label = "warm-up" if rep == 0 else f"run {rep}/{args.repeat}"
+                for approach in APPROACHES[rep % 3:] + APPROACHES[:rep % 3]:  # each goes first in turn
                     try:
                         seconds = measure(ctx, approach, rep)
                     except _Terminated:
                         raise
                     except Exception as exc:
-                        failures.append(f"run {rep} {approach}: {type(exc).__name__}: {exc}")
-                        print(f"run {rep}/{args.repeat}  {approach:<4}  FAILED: {type(exc).__name__}: {exc}", flush=True)
+                        failures.append(f"{label} {approach}: {type(exc).__name__}: {exc}")
+                        print(f"{label}  {approach:<4}  FAILED: {type(exc).__name__}: {exc}", flush=True)
                         traceback.print_exc()
                         continue
-                    times[approach].append(seconds)
-                    print(f"run {rep}/{args.repeat}  {approach:<4}  {seconds:7.2f} s  {total / MB / seconds:7.1f} MB/s", flush=True)
+                    if rep:
+                        times[approach].append(seconds)
+                    print(f"{label}  {approach:<4}  {seconds:7.2f} s  {total / MB / seconds:7.1f} MB/s", flush=True)
             report(ctx, times, failures)
     except (_Terminated, KeyboardInterrupt) as exc:
         print(f"bench interrupted: {exc or 'Ctrl-C'}", file=sys.stderr, flush=True)
