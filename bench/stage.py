@@ -185,18 +185,19 @@ def _concurrently(fn, items, workers: int) -> list:
 
 def run_ours(ctx: dict, bucket: str) -> float:
     from tasks.hub import file_url, hub_headers, resolve_revision
-    from tasks.transfer import http_pool, staging_order, stream_file
+    from tasks.transfer import PrefixScan, http_pool, staging_order, stream_file
 
     s3, settings, source = ctx["s3_project"], ctx["settings"], ctx["source"]
     started = time.perf_counter()
     snapshot = resolve_revision.fn(source)
     headers = hub_headers(source)
     prefix = f"{snapshot.repo_id}/{snapshot.sha}"
+    scan = PrefixScan.of(s3, bucket, prefix)  # as the flow's scan-staged-prefix task
 
     def one(f):
         with http_pool(settings.streams) as http:  # as tasks.staging.stage_file
             return stream_file(
-                s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings, parts
+                s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings, parts, scan
             )
 
     files = staging_order(snapshot.files, settings)  # the flow's order and concurrency

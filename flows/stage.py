@@ -18,7 +18,7 @@ from tasks.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
 from tasks.progress import Progress
 from tasks.s3 import model_prefix
 from tasks.state import ModelRef
-from tasks.staging import check_model_store, find_manifest, stage_file, write_model_manifest
+from tasks.staging import check_model_store, find_manifest, scan_prefix, stage_file, write_model_manifest
 from tasks.transfer import FileResult, TransferSettings, staging_order
 
 
@@ -64,13 +64,14 @@ def stage(source: ModelSource, store: ModelStore, transfer: TransferSettings) ->
 
     progress = Progress(_artifact_key(source.repo_id) + "-progress", snapshot.total_bytes, f"Staging {source.repo_id}@{snapshot.sha[:12]}")
     pending = staging_order(snapshot.files, transfer)
+    scan = scan_prefix(store, prefix)
     parts = transfer.part_pool()
     running, results = [], []
     try:
         while pending or running:
             while pending and len(running) < transfer.files_in_flight:
                 f = pending.pop(0)
-                running.append(stage_file.submit(source, store, snapshot, prefix, f, transfer, parts, progress))
+                running.append(stage_file.submit(source, store, snapshot, prefix, f, transfer, parts, scan, progress))
             finished = next(as_completed(running))
             running.remove(finished)
             results.append(finished.result())

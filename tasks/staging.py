@@ -12,7 +12,7 @@ from blocks.model_store import ModelStore
 from tasks.errors import retry_if_transient
 from tasks.hub import HubFile, RepoSnapshot, file_url, hub_headers
 from tasks.s3 import Manifest, ManifestFile, read_manifest, require_bucket, s3_client, utc_now, write_manifest
-from tasks.transfer import FileResult, TransferSettings, http_pool, stream_file
+from tasks.transfer import FileResult, PrefixScan, TransferSettings, http_pool, stream_file
 
 _RETRY = dict(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 
@@ -36,18 +36,25 @@ def find_manifest(store: ModelStore, prefix: str, snapshot: RepoSnapshot) -> Man
     return manifest
 
 
+@task(name="scan-staged-prefix", **_RETRY)
+def scan_prefix(store: ModelStore, prefix: str) -> PrefixScan:
+    """The objects and unfinished uploads already under the model's prefix, listed once for the run."""
+    return PrefixScan.of(s3_client(store), store.bucket_name, prefix)
+
+
 @task(name="stage-file", task_run_name="stage-{f.path}", **_RETRY)
 def stage_file(
     source: ModelSource, store: ModelStore, snapshot: RepoSnapshot, prefix: str, f: HubFile, transfer: TransferSettings,
-    parts: Executor, progress=None,
+    parts: Executor, scan: PrefixScan, progress=None,
 ) -> FileResult:
-    """One file; `parts` is the run's shared part pool (`TransferSettings.part_pool`)."""
+    """One file; `parts` is the run's shared part pool (`TransferSettings.part_pool`), `scan` the
+    run's `PrefixScan`."""
     logger = get_run_logger()
     s3 = s3_client(store)
     with http_pool(transfer.streams) as http:
         result = stream_file(
             s3, http, file_url(snapshot, f.path), hub_headers(source), store.bucket_name, f"{prefix}/{f.path}", f, transfer,
-            parts, on_bytes=progress.add if progress else (lambda n: None),
+            parts, scan, on_bytes=progress.add if progress else (lambda n: None),
         )
     if result.skipped:
         logger.info("%s: already in S3 and verified, skipped", f.path)

@@ -151,6 +151,31 @@ def existing_object_matches(s3, bucket: str, key: str, f: HubFile) -> str | None
     return meta["sha256"]
 
 
+class PrefixScan:
+    """What S3 holds under one model's prefix, listed once per run: the keys of its objects and of
+    its unfinished multipart uploads. A file absent from both costs no HEAD and no upload listing
+    (one request each per file before, ~2 round trips x files on a fresh stage).
+
+    This run's own writes are added as they happen, so a retried file still finds the upload its
+    first attempt began (and resumes it rather than leaving it behind, billed, beside a new one).
+    Shared in-process by the run's file tasks (a plain object, so Prefect passes it as is rather
+    than rebuilding it as it may a model); `set.add` is atomic under the GIL.
+    """
+
+    def __init__(self, objects: set[str] | None = None, uploads: set[str] | None = None):
+        self.objects = objects or set()
+        self.uploads = uploads or set()
+
+    @classmethod
+    def of(cls, s3, bucket: str, prefix: str) -> "PrefixScan":
+        scan = cls()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+            scan.objects.update(o["Key"] for o in page.get("Contents", []))
+        for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+            scan.uploads.update(u["Key"] for u in page.get("Uploads", []))
+        return scan
+
+
 def stream_file(
     s3,
     http: urllib3.PoolManager,
@@ -161,11 +186,13 @@ def stream_file(
     f: HubFile,
     settings: TransferSettings,
     parts: Executor,
+    scan: PrefixScan,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> FileResult:
-    """Copy one file into S3; `parts` is the run's shared part pool (`TransferSettings.part_pool`)."""
+    """Copy one file into S3; `parts` is the run's shared part pool (`TransferSettings.part_pool`),
+    `scan` what the run found under the prefix (`PrefixScan.of`)."""
     started = time.monotonic()
-    done_sha = existing_object_matches(s3, bucket, key, f)
+    done_sha = existing_object_matches(s3, bucket, key, f) if key in scan.objects else None
     if done_sha:
         on_bytes(f.size)
         return FileResult(path=f.path, key=key, size=f.size, sha256=done_sha, bytes_uploaded=0, skipped=True)
@@ -174,7 +201,8 @@ def stream_file(
         result = _put_small(s3, bucket, key, f, fetch_range(http, url, headers, 0, f.size - 1, settings.reconnects))
         on_bytes(f.size)
     else:
-        result = _put_multipart(s3, http, url, headers, bucket, key, f, part_size, settings, parts, on_bytes)
+        result = _put_multipart(s3, http, url, headers, bucket, key, f, part_size, settings, parts, scan, on_bytes)
+    scan.objects.add(key)
     result.seconds = time.monotonic() - started
     return result
 
@@ -230,9 +258,9 @@ def _completed(number: int, part: _Part, algorithm: str | None) -> dict:
 
 def _put_multipart(
     s3, http, url: str, headers: dict[str, str], bucket: str, key: str, f: HubFile, part_size: int,
-    settings: TransferSettings, pool: Executor, on_bytes,
+    settings: TransferSettings, pool: Executor, scan: PrefixScan, on_bytes,
 ) -> FileResult:
-    found = _find_upload(s3, bucket, key)
+    found = _find_upload(s3, bucket, key) if key in scan.uploads else None
     if found:
         upload_id, algorithm, previous = found
     else:
@@ -243,6 +271,7 @@ def _put_multipart(
         upload_id = s3.create_multipart_upload(
             Bucket=bucket, Key=key, Metadata=meta, ChecksumAlgorithm=algorithm
         )["UploadId"]
+        scan.uploads.add(key)
         previous = {}
 
     def part(number: int) -> tuple[bytes, _Part, int]:

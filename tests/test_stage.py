@@ -104,6 +104,40 @@ def test_killed_run_resumes_without_resending_parts(hub, bucket, tiny_model):
     assert size > 4 * 5 * 1024 * 1024
 
 
+def _count_s3_calls(monkeypatch, *operations: str) -> dict[str, int]:
+    """Count the stage tasks' S3 calls of these operations (every client they make)."""
+    import tasks.staging
+
+    counts = dict.fromkeys(operations, 0)
+
+    def counting_client(store):
+        s3 = aws_client("s3", store.credentials)
+        for op in operations:
+            s3.meta.events.register(f"before-call.s3.{op}", lambda op=op, **_: counts.__setitem__(op, counts[op] + 1))
+        return s3
+
+    monkeypatch.setattr(tasks.staging, "s3_client", counting_client)
+    return counts
+
+
+def test_a_fresh_stage_lists_the_prefix_once_instead_of_asking_per_file(hub, bucket, monkeypatch):
+    calls = _count_s3_calls(monkeypatch, "HeadObject", "ListMultipartUploads", "ListObjectsV2")
+    result = _run(bucket)
+    assert result.files >= 5 and not result.already_staged
+    assert calls == {"HeadObject": 0, "ListMultipartUploads": 1, "ListObjectsV2": 1}
+
+
+def test_a_retried_file_resumes_the_upload_its_first_try_began(hub, bucket, tiny_model):
+    # No Range reconnects: the first try of BIG fails half-way (its first parts uploaded) and
+    # Prefect retries the task. The retry must find that upload (the run's scan knows it now)
+    # and resume it, not begin a second one and leave the first behind.
+    hub.inject("drop_mid_file", BIG)
+    result = _run(bucket, transfer=TransferSettings(part_size_mib=5, reconnects=0, files_in_flight=1, parts_in_flight=1))
+    assert _objects(bucket, result.prefix)[BIG] == (tiny_model / BIG).read_bytes()
+    assert result.bytes_uploaded <= result.total_bytes - 2 * 5 * 1024 * 1024  # the parts before the drop: not sent again
+    assert not aws_client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
 def test_upload_left_without_a_checksum_is_finished_as_begun(hub, bucket, tiny_model):
     # An upload begun without a checksum algorithm (as an earlier version of the stage flow did)
     # is completed without part checksums, and its finished parts are not sent again.
@@ -131,7 +165,7 @@ def test_a_file_alone_gets_every_worker_of_the_shared_part_pool(hub, bucket):
     from concurrent.futures import ThreadPoolExecutor
 
     from tasks.hub import file_url, resolve_revision
-    from tasks.transfer import http_pool, stream_file
+    from tasks.transfer import PrefixScan, http_pool, stream_file
 
     settings = TransferSettings(part_size_mib=5, files_in_flight=2, parts_in_flight=2)
 
@@ -155,7 +189,9 @@ def test_a_file_alone_gets_every_worker_of_the_shared_part_pool(hub, bucket):
     f = next(f for f in snapshot.files if f.path == BIG)
     assert f.size > settings.streams * 5 * 1024 * 1024
     with GatedPool(settings.streams) as pool, http_pool(settings.streams) as http:
-        result = stream_file(aws_client("s3"), http, file_url(snapshot, BIG), {}, bucket, f"m/{BIG}", f, settings, pool)
+        result = stream_file(
+            aws_client("s3"), http, file_url(snapshot, BIG), {}, bucket, f"m/{BIG}", f, settings, pool, PrefixScan()
+        )
     assert result.sha256 == f.sha256 and pool.submitted == -(-f.size // (5 * 1024 * 1024))
 
 
