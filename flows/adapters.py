@@ -33,7 +33,7 @@ from tasks.errors import PipelineInputError, retry_if_transient
 from tasks.lora import check_adapters, index_uri, write_index
 from tasks.naming import check_stack_name, resource_name
 from tasks.secrets import read_secret
-from tasks.state import ModelRef, StackState, load_state, save_state
+from tasks.state import ModelRef, StackState, deployed, load_state, save_state
 from tasks.transfer import TransferSettings
 
 
@@ -123,9 +123,8 @@ def update_adapters(
     add, remove = list(add or []), list(remove or [])
     store = load_config(ModelStore, model_store_block)
     source = load_config(ModelSource, model_source_block)
-    state, etag = load_state(store, stack)
-    if state is None:
-        raise PipelineInputError(f"stack {stack!r} is not deployed (no state record in s3://{store.bucket_name}/stacks/{stack}/)")
+    state, etag = load_state(store, stack)  # the etag: the record is saved back only if nobody changed it meanwhile
+    state = deployed(store, stack, state)
     check_request(state, add, remove)
 
     added: dict[str, ModelRef] = {a.name: stage_adapter(source, a, store, transfer) for a in add}

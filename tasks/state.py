@@ -124,6 +124,12 @@ def list_stacks(store: ModelStore) -> list[StackState]:
 
 def require_state(store: ModelStore, stack: str) -> StackState:
     state, _ = load_state(store, stack)
+    return deployed(store, stack, state)
+
+
+def deployed(store: ModelStore, stack: str, state: StackState | None) -> StackState:
+    """`state` if the stack has a serving endpoint, else a clear error (a record without one is
+    a deploy that failed or is being torn down)."""
     if state is None or state.endpoint is None:
         raise PipelineInputError(f"stack {stack!r} is not deployed (no endpoint in s3://{store.bucket_name}/{state_key(stack)})")
     return state

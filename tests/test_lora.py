@@ -177,3 +177,18 @@ def test_unfit_adapters_are_refused_before_anything_is_created(bucket, hub, tmp_
     with pytest.raises(PipelineInputError, match="lists adapters .* but VllmServerSettings.enable_lora is false"):
         deploy_model("refused", model_source_block=names["source"], model_store_block=names["store"],
                      server_settings_block=names["server"])
+
+
+def test_update_adapters_refuses_a_stack_without_an_endpoint(bucket, hub):
+    """No state record, or a record left by a deploy that never got an endpoint: one clear line, nothing staged."""
+    from flows.adapters import update_adapters
+    from tasks.state import StackState, save_state
+
+    store = ModelStore(bucket_name=bucket)
+    name = f"t-{bucket[-6:]}-store"
+    store.save(name, overwrite=True)
+    save_state(store, StackState(stack="halfway", target="local", status="failed"), None)
+    for stack in ("halfway", "nowhere"):
+        with pytest.raises(PipelineInputError, match=f"stack '{stack}' is not deployed"):
+            update_adapters(stack, add=[LoraAdapter(name="x", source="acme/tiny")], model_store_block=name)
+    assert [r for r in hub.requests if "/resolve/" in r[1]] == []
