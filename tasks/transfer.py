@@ -156,8 +156,8 @@ class PrefixScan:
     its unfinished multipart uploads. A file absent from both costs no HEAD and no upload listing
     (one request each per file before, ~2 round trips x files on a fresh stage).
 
-    This run's own writes are added as they happen, so a retried file still finds the upload its
-    first attempt began (and resumes it rather than leaving it behind, billed, beside a new one).
+    The uploads this run begins are added as they begin, so a retried file still finds the upload
+    its first attempt began (and resumes it rather than leaving it behind, billed, beside a new one).
     Shared in-process by the run's file tasks (a plain object, so Prefect passes it as is rather
     than rebuilding it as it may a model); `set.add` is atomic under the GIL.
     """
@@ -202,7 +202,6 @@ def stream_file(
         on_bytes(f.size)
     else:
         result = _put_multipart(s3, http, url, headers, bucket, key, f, part_size, settings, parts, scan, on_bytes)
-    scan.objects.add(key)
     result.seconds = time.monotonic() - started
     return result
 
@@ -221,14 +220,16 @@ CHECKSUM = "CRC32"
 class _Part(BaseModel):
     etag: str
     size: int
-    checksum: str | None = None  # the part's checksum under the upload's algorithm
+    crc32: str | None = None  # None in an upload begun without a checksum
 
 
 def _find_upload(s3, bucket: str, key: str) -> tuple[str, str | None, dict[int, _Part]] | None:
     """An unfinished multipart upload for `key`: its id, checksum algorithm and parts by number.
 
     The algorithm is None for an upload an earlier version of this code created without one;
-    such an upload is finished as it was begun, without part checksums in the completion.
+    such an upload is finished as it was begun, without part checksums in the completion. The
+    parts' checksums are not read from the listing (moto's has none): a reused part's bytes are
+    read again anyway, and its CRC32 is computed from them.
     """
     uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
     uploads = sorted((u for u in uploads if u["Key"] == key), key=lambda u: u["Initiated"], reverse=True)
@@ -238,9 +239,7 @@ def _find_upload(s3, bucket: str, key: str) -> tuple[str, str | None, dict[int, 
     parts: dict[int, _Part] = {}
     for page in s3.get_paginator("list_parts").paginate(Bucket=bucket, Key=key, UploadId=upload_id):
         for p in page.get("Parts", []):
-            parts[p["PartNumber"]] = _Part(
-                etag=p["ETag"].strip('"'), size=p["Size"], checksum=p.get(f"Checksum{algorithm}") if algorithm else None
-            )
+            parts[p["PartNumber"]] = _Part(etag=p["ETag"].strip('"'), size=p["Size"])
     return upload_id, algorithm, parts
 
 
@@ -249,10 +248,10 @@ def _crc32(data: bytes) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
-def _completed(number: int, part: _Part, algorithm: str | None) -> dict:
+def _completed(number: int, part: _Part) -> dict:
     entry = {"PartNumber": number, "ETag": part.etag}
-    if algorithm and part.checksum:
-        entry[f"Checksum{algorithm}"] = part.checksum
+    if part.crc32:
+        entry["ChecksumCRC32"] = part.crc32
     return entry
 
 
@@ -280,17 +279,14 @@ def _put_multipart(
         data = fetch_range(http, url, headers, start, min(start + part_size, f.size) - 1, settings.reconnects)
         prev = previous.get(number)
         if prev and prev.size == len(data) and prev.etag == hashlib.md5(data).hexdigest():
-            done, sent = prev, 0
-            if algorithm == CHECKSUM and not done.checksum:  # a listing without part checksums (moto's)
-                done = done.model_copy(update={"checksum": _crc32(data)})
+            done = _Part(etag=prev.etag, size=prev.size, crc32=_crc32(data) if algorithm else None)
+            sent = 0
         else:
             checksum = {"ChecksumAlgorithm": algorithm} if algorithm else {}
             resp = s3.upload_part(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **checksum
             )
-            done = _Part(
-                etag=resp["ETag"].strip('"'), size=len(data), checksum=resp.get(f"Checksum{algorithm}") if algorithm else None
-            )
+            done = _Part(etag=resp["ETag"].strip('"'), size=len(data), crc32=resp.get("ChecksumCRC32") if algorithm else None)
             sent = len(data)
         on_bytes(len(data))
         return data, done, sent
@@ -324,7 +320,7 @@ def _put_multipart(
         Bucket=bucket,
         Key=key,
         UploadId=upload_id,
-        MultipartUpload={"Parts": [_completed(n, p, algorithm) for n, p in sorted(parts.items())]},
+        MultipartUpload={"Parts": [_completed(n, p) for n, p in sorted(parts.items())]},
     )
     if not f.sha256:  # non-LFS file big enough for multipart: record the hash we computed
         s3.copy_object(
