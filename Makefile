@@ -1,10 +1,14 @@
-# The README's two commands: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test bench
+# The README's two commands: `make demo` and `make test`. Both set up what they need first
+# (the demo only the two Python environments; the tests also the image-build tools).
+.PHONY: setup setup-demo demo test bench
 
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+setup-demo:
+	bash scripts/setup.sh demo
+
+demo: setup-demo
 	.venv/bin/python -m flows.demo
 
 test: setup

