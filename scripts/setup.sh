@@ -66,21 +66,24 @@ wait "$vllm_pid" || { echo "setup: the vLLM environment failed" >&2; status=1; }
 [ "$status" = 0 ] || exit 1
 ln -sfn "$VLLM_VENV" .venv-vllm
 
-# BFCL's own AST checker, the oracle of tests/test_bfcl_agreement.py. bfcl-eval's declared
-# dependencies pull torch, faiss and a dozen vendor SDKs, so it goes in without them (--no-deps),
-# beside only the packages its checker's import chain runs at import time; tests/bfcl_oracle.py
-# stands in for the vendor SDKs, which only BFCL's model handlers use. Wheels only: nothing
-# compiles. Cached in ~/.cache/vllm-pipeline keyed by the pins, like the vLLM environment.
+# BFCL's own AST checker, the oracle of tests/test_bfcl_agreement.py (tests only, not the demo).
+# bfcl-eval's declared dependencies pull torch, faiss and a dozen vendor SDKs, so it goes in
+# without them (--no-deps), beside only the packages its checker's import chain runs at import
+# time; tests/bfcl_oracle.py stands in for the vendor SDKs, which only BFCL's model handlers use.
+# Wheels only: nothing compiles. Cached in ~/.cache/vllm-pipeline keyed by the pins, like the
+# vLLM environment; about 10 s the first time.
 BFCL_PINS="bfcl-eval==2026.3.23 tenacity==9.2.1 overrides==7.7.0 filelock==3.20.0 tree-sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4"
 bfcl_key=$(echo "$BFCL_PINS" | sha256sum | cut -c1-12)
 BFCL_VENV=${BFCL_VENV:-$HOME/.cache/vllm-pipeline/venv-bfcl-$bfcl_key}
-if [ ! -f "$BFCL_VENV/.complete" ]; then
-  echo "setup: installing BFCL's checker as the test oracle ($BFCL_VENV)"
-  rm -rf "$BFCL_VENV"
-  "$PY" -m venv "$BFCL_VENV"
-  # shellcheck disable=SC2086 # the pins are words
-  "$BFCL_VENV/bin/pip" install -q --no-deps --only-binary=:all: $BFCL_PINS 2>&1 | grep -v "^WARNING: Location" || true
-  "$BFCL_VENV/bin/python" tests/bfcl_oracle.py --self-check
-  touch "$BFCL_VENV/.complete"
+if [ "$MODE" != demo ]; then
+  if [ ! -f "$BFCL_VENV/.complete" ]; then
+    echo "setup: installing BFCL's checker as the test oracle ($BFCL_VENV)"
+    rm -rf "$BFCL_VENV"
+    "$PY" -m venv "$BFCL_VENV"
+    # shellcheck disable=SC2086 # the pins are words
+    "$BFCL_VENV/bin/pip" install -q --no-compile --no-deps --only-binary=:all: $BFCL_PINS 2>&1 | grep -v "^WARNING: Location" || true
+    "$BFCL_VENV/bin/python" tests/bfcl_oracle.py --self-check
+    touch "$BFCL_VENV/.complete"
+  fi
+  ln -sfn "$BFCL_VENV" .venv-bfcl
 fi
-ln -sfn "$BFCL_VENV" .venv-bfcl

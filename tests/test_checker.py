@@ -357,6 +357,100 @@ def test_semantics_any_false_does_not_crash():
 
 
 # --------------------------------------------------------------------------------------------
+# Agreement with BFCL's checker (tests/test_bfcl_agreement.py runs BFCL's own as the oracle)
+# --------------------------------------------------------------------------------------------
+
+FREE_FORM = {"set_grades": {"parameters": {"type": "object", "properties": {
+    "grades": {"type": "object", "description": "subject -> score"},
+    "meta": {"type": "object", "properties": {"term": {"type": "string"}}}}, "required": ["grades"]}}}
+
+
+def test_free_form_object_accepts_any_keys():
+    assert check_structure(call("set_grades", {"grades": {"math": 90, "art": 75}}), FREE_FORM) == []
+    assert check_calls([call("set_grades", {"grades": {"math": 90}})], FREE_FORM,
+                       [exp("set_grades", grades={"exactly": {"math": 90}})], "semantic") == []
+
+
+def test_object_with_properties_still_refuses_unknown_keys():
+    problems = check_structure(call("set_grades", {"grades": {}, "meta": {"term": "fall", "year": 2024}}), FREE_FORM)
+    assert _has_all(problems, "unknown argument", "meta", "year"), problems
+
+
+@pytest.mark.parametrize(("value", "ok"), [(5, True), (5.0, False), (True, False), ("5", False)])
+def test_integer_means_an_integer_literal(value, ok):
+    assert (check_structure(call("get_current_weather", {"city": "Paris", "days": value}), TOOLS) == []) is ok
+
+
+OPTIONAL_UNIT = exp("get_current_weather", city="Paris", unit={"optional": "celsius"})
+
+
+@pytest.mark.parametrize(("args", "ok"), [
+    ({"city": "Paris"}, True),
+    ({"city": "Paris", "unit": "celsius"}, True),
+    ({"city": "Paris", "unit": "Celsius"}, True),
+    ({"city": "Paris", "unit": "fahrenheit"}, False),
+])
+def test_optional_argument_absent_or_equal(args, ok):
+    assert (check_semantics(call("get_current_weather", args), OPTIONAL_UNIT) == []) is ok
+
+
+def test_absent_argument():
+    e = exp("get_current_weather", city="Paris", days={"absent": True})
+    assert check_semantics(call("get_current_weather", {"city": "Paris"}), e) == []
+    problems = check_semantics(call("get_current_weather", {"city": "Paris", "days": 2}), e)
+    assert _has_all(problems, "days", "left out"), problems
+
+
+def test_one_of_with_absent_and_nested_optional_keys():
+    e = exp("ship_parcel", address={"exactly": {"street": "1 Main St", "city": "Oslo", "zip": {"optional": "0150"}}},
+            options={"one_of": [{"absent": True}, ["fragile"]]})
+    ok = [{"address": {"street": "1 main st.", "city": "OSLO"}}, {"address": {"street": "1 Main St", "city": "Oslo"}, "options": ["fragile"]}]
+    bad = [{"address": {"street": "1 Main St", "city": "Oslo"}, "options": ["express"]},
+           {"address": {"street": "1 Main St"}}]
+    for args in ok:
+        assert check_semantics(call("ship_parcel", args), e) == [], args
+    for args in bad:
+        assert check_semantics(call("ship_parcel", args), e), args
+
+
+@pytest.mark.parametrize(("want", "got", "ok"), [
+    ("April 1, 2024", "april 1 2024", True),
+    ("New York", "new-york", True),
+    ("New York", "NewYork.", True),
+    ("Rock 'n' Roll", 'rock "n" roll', True),
+    ("a_b*c^d/e", "ABCDE", True),
+    ("São Paulo", "SÃO-PAULO", True),
+    ("Straße", "STRASSE", False),  # lower-cased, as BFCL does, not case-folded
+    ("New York", "New\tYork", False),  # spaces only, as BFCL does
+    ("April 1, 2024", "April 2, 2024", False),
+    ("New York", "New York;", False),
+])
+def test_strings_compare_normalised_like_bfcl(want, got, ok):
+    assert (check_semantics(call("get_current_weather", {"city": got}), exp("get_current_weather", city=want)) == []) is ok
+
+
+def test_empty_string_for_an_optional_string_is_no_value():
+    # BFCL's convention: "" marks "not given"; so it is not held to the enum either
+    assert check_structure(call("get_current_weather", {"city": "Paris", "unit": ""}), TOOLS) == []
+    assert check_semantics(call("get_current_weather", {"city": "Paris", "unit": ""}), OPTIONAL_UNIT) == []
+    assert check_semantics(call("get_current_weather", {"city": "Paris", "unit": ""}), exp("get_current_weather", unit="celsius"))
+    assert check_structure(call("get_current_weather", {"city": "", "unit": "celsius"}), TOOLS) == []  # required: a value
+    assert check_structure(call("get_current_weather", {"city": "Paris", "days": ""}), TOOLS)  # not a string parameter
+
+
+@pytest.mark.parametrize("arguments", [
+    {"city": {"contains": "x", "one_of": ["y"]}},
+    {"city": {"one_of": "paris"}},
+    {"city": {"exactly": ["x"]}},
+    {"city": {"absent": False}},
+    {"city": {"optional": {"one_of": "x"}}},
+])
+def test_malformed_constraints_refused(arguments):
+    with pytest.raises(ValueError):
+        ExpectedCall(name="get_current_weather", arguments=arguments)
+
+
+# --------------------------------------------------------------------------------------------
 # load_suite
 # --------------------------------------------------------------------------------------------
 
@@ -433,7 +527,8 @@ def test_bad_category_refused():
 def test_smollm2_gate_by_served_name():
     gate = S.load_gate("smollm2-135m-instruct")
     assert gate.level == "semantic"
-    assert gate.threshold("simple", "required") == 1.0
+    assert gate.threshold("simple", "required") == 0.5  # several cases per cell, a pass rate with margin
+    assert gate.threshold("multiple", "required") == 0.4
     assert gate.threshold("streaming", "required") == 0.5
     assert gate.threshold("streaming", "named") == 0.5
     assert gate.threshold("irrelevance", "none") == 1.0

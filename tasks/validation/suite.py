@@ -90,11 +90,19 @@ class CaseResult(BaseModel):
     calls: list[dict] = Field(default_factory=list)
 
 
-def load_suite(extra: dict | None = None, modes: list[str] | None = None) -> Suite:
+def load_suite(extra: dict | None = None, modes: list[str] | None = None, bfcl: dict | None = None) -> Suite:
     """The repo's suite plus a user's: {tools: {...}, cases: [...]} (a parameter of the validate flow).
     `modes` keeps only those tool_choice modes (a quick run: `["auto"]` asks only what a model
-    decides by itself)."""
+    decides by itself). `bfcl`: a BFCL data set converted by `tasks.validation.bfcl.load_bfcl_suite`;
+    its cases replace the repo's own unless it says `include_default`."""
     raw = yaml.safe_load((HERE / "cases" / "default.yaml").read_text())
+    if bfcl and "cases" not in bfcl:  # the spec itself (local files): convert it here
+        from tasks.validation.bfcl import load_bfcl_suite
+
+        bfcl = load_bfcl_suite(bfcl)
+    if bfcl:
+        kept = raw if bfcl.get("include_default") else {"tools": {}, "cases": []}
+        raw = {"tools": {**kept["tools"], **bfcl["tools"]}, "cases": kept["cases"] + list(bfcl["cases"])}
     if extra:
         raw = {"tools": {**raw["tools"], **(extra.get("tools") or {})}, "cases": raw["cases"] + list(extra.get("cases") or [])}
     unknown = sorted(set(modes or []) - set(get_args(Mode)))
@@ -167,6 +175,13 @@ def run_case(ep: Endpoint, suite: Suite, case: ToolCase, mode: Mode, level: Leve
     calls = [ToolCall(name=c["name"], arguments=c["arguments"]) for c in reply.tool_calls]
     result.calls = [c.model_dump() for c in calls]
     problems = check_calls(calls, offered, expected, level)
+    if problems and reply.finish_reason == "length":
+        # A call cut off mid-arguments parses as no call (or a broken one): say what really happened.
+        partial = (reply.content or "".join(c["arguments"] for c in reply.tool_calls)).strip()
+        shown = partial if len(partial) <= 120 else f"{partial[:80]} … {partial[-40:]}"
+        cut = f"cut off by max_tokens={case.max_tokens} (finish_reason=length): {shown!r}"
+        # Under required/named the output is held to a call, so a cut-off reply is a cut-off call.
+        problems = [f"tool call {cut}"] if mode in ("required", "named") else problems + [f"the reply was {cut}"]
     if not problems and not expected:
         if not reply.content.strip():
             problems.append("no tool call and no answer text either")
