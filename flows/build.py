@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.variables import Variable
 from pydantic import BaseModel
@@ -20,7 +20,7 @@ from blocks.image_build import ImageBuildSettings
 from blocks.loading import load_config
 from tasks.codebuild import codebuild_image
 from tasks.ecr import ensure_ecr_repository
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, flow
 from tasks.images import Builder, Target, build_image, explicit_target, find_remote_image, pick_builder, prepare_context, push_image
 
 # Images whose Dockerfile must carry a HEALTHCHECK (the lint warns otherwise).

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
-from pydantic import SecretStr
-from prefect import flow, get_run_logger
+from pydantic import PositiveFloat, PositiveInt, SecretStr
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.variables import Variable
 
@@ -19,7 +19,7 @@ from flows.build import image_variable
 from tasks.aws import Aws
 from tasks.capacity import CapacityPlan, plan_task
 from tasks.ecs_target import Recorder, deploy_ecs, rollback
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, flow
 from tasks.images import check_image_uri
 from tasks.lora import check_adapters, find_staged_adapters, write_index
 from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
@@ -225,8 +225,8 @@ def deploy_model(
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
     capacity_block: str | None = None,
-    ready_timeout_s: int = 900,
-    ttl_hours: float = 24,
+    ready_timeout_s: PositiveInt = 900,
+    ttl_hours: PositiveFloat = 24,
     keep_failed: bool = False,
 ) -> StackState:
     """Deploy the staged model (`model_uri`, or the newest staged revision of `repo_id` /

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from flows.teardown import teardown
+from tasks.errors import flow
 from tasks.state import StackState, list_stacks, price_per_hour
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel
+from pydantic import BaseModel, PositiveFloat, PositiveInt
 
 from flows.batch import BatchSummary, batch_inference
 from flows.build import BuildReport, build_images
@@ -21,6 +21,8 @@ from flows.plan import plan_capacity
 from flows.stage import StagedModel, stage_model
 from flows.teardown import TeardownReport, teardown_stack
 from flows.validate import ValidationReport, validate
+from tasks.batch import Concurrency
+from tasks.errors import flow
 from tasks.naming import check_stack_name
 
 
@@ -42,17 +44,17 @@ def pipeline(
     revision: str | None = None,
     target: Literal["local", "ecs"] = "local",
     batch_input_uri: str | None = None,
-    batch_concurrency: int = 32,
+    batch_concurrency: Concurrency = 32,
     keep_running: bool = False,
     keep_failed: bool = False,
-    ttl_hours: float = 24,
+    ttl_hours: PositiveFloat = 24,
     model_source_block: str | None = None,
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
     capacity_block: str | None = None,
     image_build_block: str | None = None,
     build: bool | None = None,
-    ready_timeout_s: int = 1800,
+    ready_timeout_s: PositiveInt = 1800,
 ) -> PipelineResult:
     """Take a Hub model to a validated endpoint, run a batch on it, and tear it down
     (`keep_running` keeps the stack; `keep_failed` keeps a failed stack for debugging).

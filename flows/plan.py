@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from pydantic import PositiveInt
 
 from blocks.catalogue import gpu_instances
 from blocks.ecs_capacity import EcsGpuCapacity
@@ -15,7 +15,7 @@ from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from tasks.capacity import CapacityPlan, plan_task, render_markdown
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, flow
 from tasks.models import find_staged_model
 
 
@@ -32,7 +32,7 @@ def plan_capacity(
     model_store_block: str | None = None,
     server_settings_block: str | None = None,
     capacity_block: str | None = None,
-    concurrency: int | None = None,
+    concurrency: PositiveInt | None = None,
     max_model_len: int | None = None,
     quantization: str | None = None,
     instance_types: list[str] | None = None,
@@ -42,8 +42,6 @@ def plan_capacity(
     it) and the EcsGpuCapacity block's price overrides. `concurrency`: full-length sequences that must fit
     at once (default 1, what vLLM needs to start). `instance_types` narrows the catalogue. Writes a markdown
     artifact; when nothing fits, raises PipelineInputError naming what to change."""
-    if concurrency is not None and concurrency < 1:
-        raise PipelineInputError(f"concurrency must be at least 1, not {concurrency}")
     unknown = sorted(set(instance_types or []) - set(gpu_instances()))
     if unknown:
         raise PipelineInputError(f"instance_types: not in the catalogue (blocks/gpu_instances.yaml): {unknown}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed, wait
 from pydantic import BaseModel
@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from blocks.loading import load_config
 from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, flow
 from tasks.hub import resolve_revision
 from tasks.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
 from tasks.progress import Progress

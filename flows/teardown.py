@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
@@ -18,6 +18,7 @@ from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from tasks.aws import Aws, error_code
+from tasks.errors import flow
 from tasks.naming import check_stack_name
 from tasks.s3 import s3_client, split_s3
 from tasks.state import Resource, StackState, delete_state, load_state, save_state

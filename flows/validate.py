@@ -5,21 +5,24 @@ Fails the run (not just logs) when a required check fails, naming what failed.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel
+from pydantic import BaseModel, NonNegativeInt
 
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from tasks.endpoint import Endpoint, EndpointError
-from tasks.errors import PipelineInputError
+from tasks.errors import PipelineInputError, flow
 from tasks.naming import check_stack_name
 from tasks.secrets import read_secret
+from tasks.s3 import s3_client
 from tasks.state import require_state
+from tasks.validation.bfcl import load_bfcl_suite
+from tasks.validation.checker import Level
 from tasks.validation.checks import (
     CheckResult, LatencyThresholds, Samples, check_readiness, latency_summary, smoke, streaming, tool_suite, warm_up,
 )
-from tasks.validation.suite import CATEGORIES, CaseResult, has_own_gate, load_gate, load_suite, matrix
+from tasks.validation.suite import CATEGORIES, CaseResult, Mode, has_own_gate, load_gate, load_suite, matrix
 
 
 class ValidationFailed(RuntimeError):
@@ -41,9 +44,10 @@ def validate_endpoint(
     url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
     gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True, modes: list[str] | None = None,
+    bfcl_suite: dict | None = None,
 ) -> ValidationReport:
     logger = get_run_logger()
-    suite = load_suite(extra_cases, modes)  # bad user cases fail here, before any request
+    suite = load_suite(extra_cases, modes, bfcl_suite)  # bad user cases fail here, before any request
     gate_profile = load_gate(served_model_name, gate)
     if level:
         gate_profile = gate_profile.model_copy(update={"level": level})
@@ -127,14 +131,15 @@ def validate(
     endpoint_url: str | None = None,
     api_key_secret: str | None = None,
     served_model_name: str | None = None,
-    level: str | None = None,
+    level: Level | None = None,
     gate: str | None = None,
     gates: dict[str, str] | None = None,
     served_model_names: list[str] | None = None,
-    modes: list[str] | None = None,
+    modes: list[Mode] | None = None,
     extra_cases: dict | None = None,
+    bfcl_suite: dict | None = None,
     thresholds: LatencyThresholds = LatencyThresholds(),
-    warmup_requests: int = 8,
+    warmup_requests: NonNegativeInt = 8,
     model_store_block: str | None = None,
 ) -> ValidationReport:
     """Validate stack `stack` (its endpoint from the state record) or an explicit endpoint
@@ -143,9 +148,10 @@ def validate(
     (`served_model_names` picks some), each with its gate profile (`gates`: name -> profile;
     default the profile named after the served name; an adapter without one gets its base
     model's; else default.yaml; `gate` is the base model's). `modes` runs only those tool_choice
-    modes of the suite (["auto"]: a quick run of what each model decides by itself)."""
-    if level not in (None, "semantic", "structural"):
-        raise PipelineInputError(f"level must be 'semantic' or 'structural', got {level!r}")
+    modes of the suite (["auto"]: a quick run of what each model decides by itself). `bfcl_suite`
+    runs a BFCL-format data set instead of the repo's cases (docs/validation-bfcl.md): e.g.
+    {"questions": "s3://b/BFCL_v4_simple_python.json", "answers": "s3://b/possible_answer/BFCL_v4_simple_python.json"}."""
+    bfcl = load_bfcl_suite(bfcl_suite, s3=lambda: s3_client(load_config(ModelStore, model_store_block))) if bfcl_suite else None
     max_len, adapters = None, []
     if stack:
         check_stack_name(stack)
@@ -170,7 +176,7 @@ def validate(
     key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret).get_secret_value()
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
-                          extra_cases=extra_cases, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,
+                          extra_cases=extra_cases, bfcl_suite=bfcl, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,
                           artifact_key=key if name == served_model_name else _name_key(key, name),
                           raise_on_failure=len(names) == 1)
         for name in names

@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
 import httpx
 from botocore.exceptions import ClientError
@@ -30,8 +30,11 @@ URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
+Concurrency = Annotated[int, Field(ge=1, le=1024, description="Requests in flight at once.")]
+
+
 class BatchSettings(BaseModel):
-    concurrency: int = Field(default=32, ge=1, le=1024)
+    concurrency: Concurrency = 32
     max_attempts: int = Field(default=8, ge=1, le=50, description="Per request, for 429/5xx/timeouts/connection errors.")
     request_timeout_s: float = Field(default=300, gt=0)
     shard_lines: int = Field(default=200, ge=1, le=100_000, description="Records per checkpoint shard.")

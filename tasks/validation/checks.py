@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PositiveFloat
 
 from tasks.endpoint import Endpoint, EndpointError, Reply
 from tasks.validation.suite import CaseResult, Gate, Suite, run_suite
@@ -50,9 +50,9 @@ class Samples(BaseModel):
 class LatencyThresholds(BaseModel):
     """p95 limits in milliseconds; None: not checked. Defaults suit a 2-core CPU test run."""
 
-    ttft_p95_ms: float | None = 30_000
-    tpot_p95_ms: float | None = 2_000
-    e2e_p95_ms: float | None = 120_000
+    ttft_p95_ms: PositiveFloat | None = 30_000
+    tpot_p95_ms: PositiveFloat | None = 2_000
+    e2e_p95_ms: PositiveFloat | None = 120_000
 
 
 def _result(name: str, started: float, problems: list[str], **details) -> CheckResult:
