@@ -19,7 +19,7 @@ from tasks.secrets import read_secret
 from tasks.state import ModelRef, load_state
 from tasks.aws import Aws
 from tasks.teardown import leftovers
-from tasks.validation.suite import load_suite, run_case
+from tasks.validation.suite import load_gate, load_suite, run_case
 
 pytestmark = pytest.mark.e2e
 
@@ -75,9 +75,10 @@ def test_validate_semantic_passes_the_default_gate_and_reports_what_fails(strict
     assert report.passed
     assert {c.name for c in report.checks} == {"readiness", "warm-up", "smoke", "streaming", "tool-calling", "latency"}
     m = report.matrix
+    gate = load_gate("smollm2-135m-instruct")
     for cell in ("simple/required", "simple/named", "multiple/required", "multiple/named"):
         passed, total = map(int, m[cell].split("/"))
-        assert passed == total, cell
+        assert passed / total >= gate.threshold(*cell.split("/")), cell
     for cell in ("simple/none", "multiple/none", "parallel/none", "irrelevance/none", "multi_turn/none", "streaming/required"):
         assert cell in m
     parallel = [c for c in report.cases if c.category == "parallel" and c.mode == "required"]
