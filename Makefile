@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both set up what they need first
-# (the demo only the two Python environments; the tests also the image-build tools).
+# (the demo only the two Python environments; the tests also the image-build tools and
+# BFCL's checker as the validation suite's oracle).
 .PHONY: setup setup-demo demo test bench
 
 setup:
