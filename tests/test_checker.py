@@ -529,8 +529,8 @@ def test_smollm2_gate_by_served_name():
     assert gate.level == "semantic"
     assert gate.threshold("simple", "required") == 0.5  # several cases per cell, a pass rate with margin
     assert gate.threshold("multiple", "required") == 0.4
-    assert gate.threshold("streaming", "required") == 0.5
-    assert gate.threshold("streaming", "named") == 0.5
+    assert gate.threshold("streaming", "required") == 0.33
+    assert gate.threshold("streaming", "named") == 0.33
     assert gate.threshold("irrelevance", "none") == 1.0
     assert gate.threshold("simple", "auto") is None
     assert not gate.requires("parallel", "auto")
