@@ -123,7 +123,7 @@ def test_the_set_covers_what_the_issue_asks_for():
     assert any(s.checkpoint_quantization for s in shapes)  # quantized checkpoint
     assert any(e["settings"].get("kv_cache_dtype") == "fp8" for e in ENTRIES)  # fp8 KV cache
     assert any(s.num_experts for s in shapes)  # MoE
-    for gpu in ("t4", "a10", "a100", "h100"):
+    for gpu in ("t4", "a10", "l40s", "a100", "h100"):
         assert gpu in ids
     for e in ENTRIES:
         assert e["source"].startswith("https://") and e["logged"]["lines"].strip()
