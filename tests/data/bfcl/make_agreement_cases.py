@@ -167,24 +167,23 @@ def m_dict_drop_key(out, rng):
     return _edit(out, rng, lambda v, s: isinstance(v, dict) and v, lambda a, k, s: a[k].pop(sorted(a[k])[0]))
 
 
-def m_missing_required(out, rng):
-    spots = [(i, k) for i, (n, a) in enumerate(_args(out)) for k in a if k in _props(Q, n)[1]]
+def _drop_arg(out, rng, required: bool):
+    """Drop one argument the function requires (or, with required=False, one it does not)."""
+    spots = [(i, k) for i, (n, a) in enumerate(_args(out)) for k in a if (k in _props(Q, n)[1]) == required]
     if not spots:
         return None
     i, k = rng.choice(spots)
     new = copy.deepcopy(out)
     next(iter(new[i].values())).pop(k)
     return new
+
+
+def m_missing_required(out, rng):
+    return _drop_arg(out, rng, required=True)
 
 
 def m_drop_optional(out, rng):
-    spots = [(i, k) for i, (n, a) in enumerate(_args(out)) for k in a if k not in _props(Q, n)[1]]
-    if not spots:
-        return None
-    i, k = rng.choice(spots)
-    new = copy.deepcopy(out)
-    next(iter(new[i].values())).pop(k)
-    return new
+    return _drop_arg(out, rng, required=False)
 
 
 def m_unknown_arg(out, rng):
