@@ -31,6 +31,7 @@ from tasks.ecs_target import adapter_read_uris
 from tasks.endpoint import Endpoint
 from tasks.errors import PipelineInputError, flow, retry_if_transient
 from tasks.lora import check_adapters, index_uri, write_index
+from tasks.markdown import code, table
 from tasks.naming import check_stack_name, resource_name
 from tasks.secrets import read_secret
 from tasks.state import ModelRef, StackState, deployed, load_state, save_state
@@ -103,7 +104,7 @@ def _grant_task_role(store: ModelStore, state: StackState) -> None:
 def _roll_service(store: ModelStore, state: StackState) -> None:
     aws = Aws(store.credentials, state.settings["region"])
     cluster = state.settings.get("cluster") or resource_name(state.stack, "cluster")
-    aws.client("ecs").update_service(cluster=cluster, service=resource_name(state.stack, "server"), forceNewDeployment=True)
+    aws.client("ecs").update_service(cluster=cluster, service=resource_name(state.stack, "service"), forceNewDeployment=True)
 
 
 @flow(name="update-adapters", log_prints=True)
@@ -140,7 +141,7 @@ def update_adapters(
                + (f", replaced {replaced}" if replaced else ""))
     save_state(store, state, etag)
 
-    url, key = state.endpoint.url, read_secret(state.endpoint.api_key_secret).get_secret_value()
+    url, key = state.endpoint.url, read_secret(state.endpoint.api_key_secret, store.credentials, state.settings.get("region")).get_secret_value()
     load_s: dict[str, float] = {}
     replicas = int(state.settings.get("desired_count", 1)) if state.target == "ecs" else 1
     if replicas > 1:
@@ -156,12 +157,13 @@ def update_adapters(
         expected = sorted([state.endpoint.served_model_name, *state.adapters])
         if served != expected:
             raise RuntimeError(f"stack {stack!r} serves {served} after the update, not {expected}")
-    lines = [f"# Adapters of stack `{stack}`", "", "| adapter | staged at | change |", "|---|---|---|"]
+    rows = []
     for name in sorted(set(before) | set(state.adapters)):
         change = ("removed" if name in remove else "replaced" if name in replaced else
                   "unchanged" if name in unchanged or (name in before and name not in added) else "added")
         where = (state.adapters.get(name) or before[name]).s3_uri
         extra = f" (loaded in {load_s[name]:.1f} s)" if name in load_s else ""
-        lines.append(f"| `{name}` | `{where}` | {change}{extra} |")
+        rows.append([code(name), code(where), change + extra])
+    lines = [f"# Adapters of stack {code(stack)}", "", table(["adapter", "staged at", "change"], rows)]
     create_markdown_artifact("\n".join(lines), key=f"adapters-{stack}", description=f"Adapters of stack {stack}")
     return state

@@ -36,6 +36,7 @@ from tasks.batch import (
 from tasks.batch_offline import JobResult, OfflineJobFailed, merge_records, prepare_input, run_local_job
 from tasks.ecs_batch import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
 from tasks.errors import PipelineInputError, flow, retry_if_transient
+from tasks.markdown import Md, bullets, code, table, text
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name
 from tasks.progress import Progress
@@ -85,12 +86,12 @@ def default_output(input_uri: str) -> str:
 def _endpoint_resolver(store: ModelStore, stack: str | None, url: str | None, key_secret: str | None):
     """(url, key) now; for a stack, re-read its state record so a redeploy mid-run is followed."""
     if stack is None:
-        key = read_secret(key_secret).get_secret_value()
+        key = read_secret(key_secret, store.credentials).get_secret_value()
         return lambda: (url, key)
 
     def resolve() -> tuple[str, str]:
         state = require_state(store, stack)
-        return state.endpoint.url, read_secret(state.endpoint.api_key_secret).get_secret_value()
+        return state.endpoint.url, read_secret(state.endpoint.api_key_secret, store.credentials, state.settings.get("region")).get_secret_value()
 
     return resolve
 
@@ -253,21 +254,27 @@ def list_inputs(store: ModelStore, input_uri: str, output_uri: str) -> list[tupl
 
 
 def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
-    lines = ["# Batch inference", "", "| input | lines | ok | failed | resumed | req/s | out tok/s | p50 s | p95 s | retries | est. cost |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summaries:
-        lines.append(f"| `{s.input_uri}` | {s.lines} | {s.ok} | {s.failed} | {s.resumed_lines} | {s.requests_per_s} | "
-                     f"{s.output_tokens_per_s} | {s.latency_p50_s and round(s.latency_p50_s, 2)} | "
-                     f"{s.latency_p95_s and round(s.latency_p95_s, 2)} | {s.retries} | ${s.estimated_cost_usd} |")
-    lines += ["", *[f"- output `{s.output_uri}`, errors `{s.errors_uri}`; tokens in {s.prompt_tokens}, out {s.completion_tokens}"
-                    + (f"; {s.mode} job exit code {s.job_exit_code}, log {s.job_log}" if s.mode == "offline" else "")
-                    for s in summaries]]
+    def num(v: float | None) -> str:
+        return "–" if v is None else f"{round(v, 2)}"
+
+    lines = ["# Batch inference", ""]
+    if summaries:
+        lines.append(table(
+            ["input", "lines", "ok", "failed", "resumed", "req/s", "out tok/s", "p50 s", "p95 s", "retries", "est. cost"],
+            [[code(s.input_uri), s.lines, s.ok, s.failed, s.resumed_lines, s.requests_per_s, s.output_tokens_per_s,
+              num(s.latency_p50_s), num(s.latency_p95_s), s.retries, f"${s.estimated_cost_usd}"] for s in summaries],
+            align="l" + "r" * 10))
+        lines += ["", bullets(Md(f"output {code(s.output_uri)}, errors {code(s.errors_uri)}; tokens in {s.prompt_tokens}, "
+                                 f"out {s.completion_tokens}"
+                                 + (f"; {text(s.mode)} job exit code {text(s.job_exit_code)}, log {code(s.job_log)}"
+                                    if s.mode == "offline" else ""))
+                              for s in summaries)]
     per_model = [(s, m, c) for s in summaries for m, c in s.per_model.items()]
     if len({m for _, m, _ in per_model}) > 1:
         lines += ["", "## By model (the request's `model`: the base or a LoRA adapter)", "",
-                  "| input | model | lines | ok | failed | out tokens |", "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| `{s.input_uri}` | `{m}` | {c['lines']} | {c['ok']} | {c['failed']} | {c['completion_tokens']} |"
-                  for s, m, c in per_model]
+                  table(["input", "model", "lines", "ok", "failed", "out tokens"],
+                        [[code(s.input_uri), code(m), c["lines"], c["ok"], c["failed"], c["completion_tokens"]]
+                         for s, m, c in per_model], align="llrrrr")]
     if not summaries:
         lines.append("Nothing to do: no new input.")
     create_markdown_artifact("\n".join(lines), key=key, description="Batch inference summary")

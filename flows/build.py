@@ -22,6 +22,7 @@ from tasks.codebuild import codebuild_image
 from tasks.ecr import ensure_ecr_repository
 from tasks.errors import PipelineInputError, flow
 from tasks.images import Builder, Target, build_image, explicit_target, find_remote_image, pick_builder, prepare_context, push_image
+from tasks.markdown import code, table, text
 
 # Images whose Dockerfile must carry a HEALTHCHECK (the lint warns otherwise).
 NEEDS_HEALTHCHECK = {"vllm"}
@@ -118,21 +119,19 @@ def build_all(settings: ImageBuildSettings, names: list[str] | None = None) -> B
 
 def _summary(report: BuildReport) -> None:
     lines = [
-        f"# Images ({report.registry})",
+        f"# Images ({text(report.registry)})",
         "",
         f"{sum(i.built for i in report.images)} built and pushed, {sum(not i.built for i in report.images)} skipped "
         f"(tag already in the registry), {report.seconds:.1f} s in all.",
         "",
-        "| image | pinned reference | size (MB) | result | builder | build (s) | push (s) |",
-        "|---|---|---:|---|---|---:|---:|",
+        table(["image", "pinned reference", "size (MB)", "result", "builder", "build (s)", "push (s)"],
+              [[i.name, code(i.image_ref), f"{i.size_bytes / 1e6:.1f}" if i.size_bytes is not None else "?",
+                "built" if i.built else "skipped", i.builder or "-", f"{i.build_seconds:.1f}", f"{i.push_seconds:.1f}"]
+               for i in report.images], align="llrllrr"),
     ]
-    for i in report.images:
-        size = f"{i.size_bytes / 1e6:.1f}" if i.size_bytes is not None else "?"
-        result = "built" if i.built else "skipped"
-        lines.append(f"| {i.name} | `{i.image_ref}` | {size} | {result} | {i.builder or '-'} | {i.build_seconds:.1f} | {i.push_seconds:.1f} |")
     lines += ["", "Tags are the first 32 hex characters of each build context's sha256; "
               "the deploy flow reads the pinned references from the Prefect Variables " +
-              ", ".join(f"`{i.variable}`" for i in report.images) + "."]
+              ", ".join(code(i.variable) for i in report.images) + "."]
     create_markdown_artifact("\n".join(lines), key="build-images", description="Image URIs, digests, sizes, built or skipped")
 
 

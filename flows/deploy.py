@@ -22,6 +22,7 @@ from tasks.ecs_target import Recorder, deploy_ecs, rollback
 from tasks.errors import PipelineInputError, flow
 from tasks.images import check_image_uri
 from tasks.lora import check_adapters, find_staged_adapters, write_index
+from tasks.markdown import code, text
 from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.models import find_staged_model
 from tasks.naming import check_stack_name, resource_name
@@ -42,10 +43,23 @@ def _recent(ts: str) -> bool:
     return datetime.now(timezone.utc) - datetime.fromisoformat(ts) < DEPLOY_LOCK_TTL
 
 
+def lock(state: StackState, ready_timeout_s: float) -> None:
+    """Hold the stack for the whole deploy: DEPLOY_LOCK_TTL for creating the resources plus the wait
+    for the server (`ready_timeout_s`), so a run still waiting is never taken for a dead one. A run
+    that dies leaves a lock that expires by itself; teardown does not wait for it."""
+    state.lock_until = (datetime.now(timezone.utc) + DEPLOY_LOCK_TTL + timedelta(seconds=ready_timeout_s)).isoformat()
+
+
+def _busy(state: StackState) -> bool:
+    held = state.status == "deploying" and state.lock_until is not None \
+        and datetime.now(timezone.utc) < datetime.fromisoformat(state.lock_until)
+    return held or _recent(state.updated_at)
+
+
 def _refuse_if_busy(state: StackState | None, stack: str, target: str) -> None:
     if state is not None and state.target != target and state.status != "deleted":
         raise PipelineInputError(f"stack {stack!r} exists on target {state.target!r}: tear it down before deploying it to {target!r}")
-    if state is not None and state.status in ("deploying", "tearing-down") and _recent(state.updated_at):
+    if state is not None and state.status in ("deploying", "tearing-down") and _busy(state):
         raise PipelineInputError(
             f"stack {stack!r} is {state.status} by another run since {state.updated_at}; wait for it or tear the stack down"
         )
@@ -71,18 +85,20 @@ def deploy(
     state.status, state.model, state.ttl_hours, state.adapters = "deploying", model, ttl_hours, dict(adapters or {})
     state.settings = settings.model_dump(mode="json", exclude={"api_key"})
     state.note(f"deploy {model.s3_uri}" + (f" with adapters {sorted(state.adapters)}" if state.adapters else ""))
+    lock(state, ready_timeout_s)
     etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
     if old_endpoint is not None and old_endpoint.pid:
         stop_local_server(old_endpoint.pid)  # a dead or outdated server is replaced
-    secret_arn = ensure_api_key(stack, settings)
+    secret_arn = ensure_api_key(stack, settings, store.credentials)
     state.add_resource("secret", secret_arn)
     etag = save_state(store, state, etag)
     index = write_index(store, stack, state.adapters) if settings.enable_lora else None
-    state.endpoint = start_local_server(stack, settings, model, secret_arn, _adapter_uris(adapters), index)
+    state.endpoint = start_local_server(stack, settings, model, secret_arn, _adapter_uris(adapters), index,
+                                        credentials=store.credentials)
     state.add_resource("process", str(state.endpoint.pid))
     etag = save_state(store, state, etag)  # recorded before the wait: an interrupted deploy leaves nothing unknown
     try:
-        wait_local_ready(state.endpoint, ready_timeout_s)
+        wait_local_ready(state.endpoint, ready_timeout_s, store.credentials)
     except BaseException as exc:
         stop_local_server(state.endpoint.pid)
         state.status = "failed"
@@ -95,13 +111,13 @@ def deploy(
     save_state(store, state, etag)
     create_markdown_artifact(
         "\n".join([
-            f"# Stack `{stack}` deployed ({target})",
+            f"# Stack {code(stack)} deployed ({text(target)})",
             "",
-            f"- model `{model.repo_id}` @ `{model.sha}` from `{model.s3_uri}`",
-            f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
+            f"- model {code(model.repo_id)} @ {code(model.sha)} from {code(model.s3_uri)}",
+            f"- endpoint {code(state.endpoint.url)} serving {code(state.endpoint.served_model_name)}",
             *_adapter_lines(state),
-            f"- API key in Secrets Manager `{secret_arn}`",
-            f"- server log `{state.endpoint.log_path}`",
+            f"- API key in Secrets Manager {code(secret_arn)}",
+            f"- server log {code(state.endpoint.log_path)}",
         ]),
         key=f"deploy-{stack}",
         description=f"Stack {stack} deployed",
@@ -110,7 +126,7 @@ def deploy(
 
 
 def _adapter_lines(state: StackState) -> list[str]:
-    return [f"- LoRA adapter `{name}` from `{ref.s3_uri}`" for name, ref in sorted(state.adapters.items())]
+    return [f"- LoRA adapter {code(name)} from {code(ref.s3_uri)}" for name, ref in sorted(state.adapters.items())]
 
 
 def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: VllmServerSettings) -> tuple[str, VllmServerSettings, float]:
@@ -164,6 +180,7 @@ def deploy_to_ecs(
     }
     state.note(f"deploy {model.s3_uri} on {instance_type} ({image_uri})")
     rec = Recorder(store, state, None, capacity.region)
+    lock(state, ready_timeout_s)
     rec.etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
     try:
         index = write_index(store, stack, state.adapters) if settings.enable_lora else None
@@ -198,16 +215,16 @@ def deploy_to_ecs(
     rec.save()
     create_markdown_artifact(
         "\n".join([
-            f"# Stack `{stack}` deployed (ecs)",
+            f"# Stack {code(stack)} deployed (ecs)",
             "",
-            f"- model `{model.repo_id}` @ `{model.sha}` from `{model.s3_uri}`",
-            f"- image `{image_uri}`",
-            f"- {capacity.desired_count} x `{instance_type}` in {capacity.region} (TP {settings.tensor_parallel_size}, "
-            f"${price:.3f}/h each), cluster `{capacity.cluster or resource_name(stack, 'cluster')}`",
-            f"- endpoint `{state.endpoint.url}` serving `{state.endpoint.served_model_name}`",
+            f"- model {code(model.repo_id)} @ {code(model.sha)} from {code(model.s3_uri)}",
+            f"- image {code(image_uri)}",
+            f"- {capacity.desired_count} x {code(instance_type)} in {text(capacity.region)} (TP {settings.tensor_parallel_size}, "
+            f"${price:.3f}/h each), cluster {code(capacity.cluster or resource_name(stack, 'cluster'))}",
+            f"- endpoint {code(state.endpoint.url)} serving {code(state.endpoint.served_model_name)}",
             *_adapter_lines(state),
-            f"- API key in Secrets Manager `{state.endpoint.api_key_secret}`",
-            f"- {len(state.resources)} resources recorded in `s3://{store.bucket_name}/stacks/{stack}/state.json`",
+            f"- API key in Secrets Manager {code(state.endpoint.api_key_secret)}",
+            f"- {len(state.resources)} resources recorded in {code(f's3://{store.bucket_name}/stacks/{stack}/state.json')}",
         ]),
         key=f"deploy-{stack}", description=f"Stack {stack} deployed",
     )

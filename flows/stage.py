@@ -15,6 +15,7 @@ from blocks.model_store import ModelStore
 from tasks.errors import PipelineInputError, flow
 from tasks.hub import resolve_revision
 from tasks.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
+from tasks.markdown import code, table
 from tasks.progress import Progress
 from tasks.s3 import model_prefix
 from tasks.state import ModelRef
@@ -118,18 +119,18 @@ def stage_all(source: ModelSource, store: ModelStore, transfer: TransferSettings
 def _summary(result: StagedModel, files: list[FileResult]) -> None:
     mbps = result.bytes_uploaded / max(result.seconds, 1e-6) / 1e6
     lines = [
-        f"# Staged `{result.repo_id}`",
+        f"# Staged {code(result.repo_id)}",
         "",
-        f"- revision `{result.revision}` = commit `{result.sha}`",
-        f"- location `{result.s3_uri}` (manifest `_manifest.json` written last)",
+        f"- revision {code(result.revision)} = commit {code(result.sha)}",
+        f"- location {code(result.s3_uri)} (manifest `_manifest.json` written last)",
         f"- {result.files} files, {result.total_bytes / 1e6:.1f} MB; uploaded {result.bytes_uploaded / 1e6:.1f} MB "
         f"in {result.seconds:.1f} s ({mbps:.1f} MB/s)",
         f"- {'already staged: nothing transferred' if result.already_staged else 'transferred and verified (size + sha256)'}",
     ]
     if files:
-        lines += ["", "| file | size (MB) | sha256 | uploaded |", "|---|---:|---|---|"]
-        for r in sorted(files, key=lambda r: r.path):
-            lines.append(f"| `{r.path}` | {r.size / 1e6:.2f} | `{r.sha256[:16]}…` | {'no (already there)' if r.skipped else 'yes'} |")
+        lines += ["", table(["file", "size (MB)", "sha256", "uploaded"],
+                            [[code(r.path), f"{r.size / 1e6:.2f}", code(r.sha256[:16] + "…"), "no (already there)" if r.skipped else "yes"]
+                             for r in sorted(files, key=lambda r: r.path)], align="lrll")]
     create_markdown_artifact("\n".join(lines), key=_artifact_key(result.repo_id), description=f"Staged {result.repo_id}")
 
 

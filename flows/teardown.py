@@ -19,6 +19,7 @@ from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from tasks.aws import Aws, error_code
 from tasks.errors import flow
+from tasks.markdown import code
 from tasks.naming import check_stack_name
 from tasks.s3 import s3_client, split_s3
 from tasks.state import Resource, StackState, delete_state, load_state, save_state
@@ -103,11 +104,11 @@ def teardown(stack: str, store: ModelStore, region: str | None = None, keep_mode
                             lived_hours=hours, cost_estimate_usd=cost)
     create_markdown_artifact(
         "\n".join([
-            f"# Stack `{stack}` torn down", "",
+            f"# Stack {code(stack)} torn down", "",
             f"- state record: {'found and deleted' if state else 'none (scan only)'}",
             f"- lived {hours:.2f} h; GPU cost estimate ${cost:.2f} (instance-hours x the plan's price)" if hours is not None else
             "- lifetime unknown (no state record)",
-            f"- deleted: {len(deleted)}", *[f"  - `{d}`" for d in deleted],
+            f"- deleted: {len(deleted)}", *[f"  - {code(d)}" for d in deleted],
             "- scan after teardown (tags, IAM path, names): **nothing left**",
         ]),
         key=f"teardown-{stack}", description=f"Teardown of {stack}",

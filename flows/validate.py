@@ -13,6 +13,7 @@ from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from tasks.endpoint import Endpoint, EndpointError
 from tasks.errors import PipelineInputError, flow
+from tasks.markdown import Md, block, bold, code, table, text
 from tasks.naming import check_stack_name
 from tasks.secrets import read_secret
 from tasks.s3 import s3_client
@@ -97,31 +98,73 @@ def _comparison(reports: list[ValidationReport], key: str) -> None:
                           key=f"{key}-by-model", description="Tool-calling pass counts by served model")
 
 
+MODEL_TEXT = ("chat", "completion")  # details of the smoke check that are the model's own words
+DETAIL_LIMIT = 300  # characters of a check's details in the summary table; the log has them in full
+
+
+def _detail(c: CheckResult) -> Md:
+    """A check's details for a table cell: problems as escaped text, model outputs and strings as
+    code, numbers as they are; cut to DETAIL_LIMIT (the full text is logged)."""
+    if c.problems:
+        return text("; ".join(c.problems), limit=DETAIL_LIMIT)
+    parts = []
+    for k, v in c.details.items():
+        if k == "models":
+            continue
+        if isinstance(v, dict):
+            parts.append(text(f"{k}: " + ", ".join(f"{n}={x}" for n, x in v.items()), limit=160))
+        elif isinstance(v, str):
+            parts.append(Md(f"{text(k)}={code(v, limit=80)}"))
+        else:
+            parts.append(text(f"{k}={v}"))
+    out = Md(", ".join(parts))
+    return out if len(out) <= DETAIL_LIMIT * 2 else text(", ".join(f"{k}={v}" for k, v in c.details.items()), limit=DETAIL_LIMIT)
+
+
 def _artifacts(report: ValidationReport, gate, key: str) -> None:
+    logger = get_run_logger()
     create_table_artifact(
         [{"case": c.case, "category": c.category, "tool_choice": c.mode, "result": "pass" if c.passed else "FAIL",
           "gated": "yes" if gate.requires(c.category, c.mode) else "no", "latency_s": round(c.seconds, 2), "reason": c.reason}
          for c in report.cases],
         key=f"{key}-cases", description=f"Tool-calling cases ({gate.level})",
     )
+    for c in report.checks:  # the table cuts long details; here they are whole
+        full = "; ".join(c.problems) if c.problems else ", ".join(f"{k}={v!r}" for k, v in c.details.items() if k != "models")
+        if len(full) > DETAIL_LIMIT or c.problems:
+            logger.info("check %s %s: %s", c.name, "passed" if c.passed else "FAILED", full)
     modes = ["auto", "required", "named", "none"]
-    lines = [f"# Validation of `{report.served_model_name}` at {report.endpoint}: {'PASSED' if report.passed else 'FAILED'}", "",
-             f"Transient endpoint failures retried (429/502/503/504, resets): {report.retries}", "",
-             "| check | result | seconds | details |", "|---|---|---:|---|"]
-    for c in report.checks:
-        detail = "; ".join(c.problems) if c.problems else ", ".join(f"{k}={v}" for k, v in c.details.items() if k != "models")
-        lines.append(f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.seconds:.1f} | {detail[:300]} |")
-    lines += ["", f"## Tool calling ({gate.level}): pass rate by category × tool_choice (* = gated)", "",
-              "| category | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [f"# Validation of {code(report.served_model_name)} at {code(report.endpoint)}: {verdict}", ""]
+    failed_checks = [c for c in report.checks if not c.passed]
+    if failed_checks:
+        lines += [Md("**Failed:** " + "; ".join(f"{text(c.name)} ({text('; '.join(c.problems), limit=200)})"
+                                                 for c in failed_checks)), ""]
+    lines += [f"Transient endpoint failures retried (429/502/503/504, resets): {report.retries}", "",
+              table(["check", "result", "seconds", "details"],
+                    [[c.name, Md("pass") if c.passed else bold("FAIL"), f"{c.seconds:.1f}", _detail(c)] for c in report.checks],
+                    align="llrl")]
+    lines += ["", f"## Tool calling ({text(gate.level)}): pass rate by category × tool_choice (\\* = gated)", ""]
+    rows = []
     for cat in CATEGORIES:
-        row = []
+        row = [cat]
         for m in modes:
             cell = report.matrix.get(f"{cat}/{m}")
-            row.append("–" if cell is None else cell + ("*" if gate.requires(cat, m) else ""))
-        lines.append(f"| {cat} | " + " | ".join(row) + " |")
+            row.append(Md("–") if cell is None else Md(text(cell) + ("\\*" if gate.requires(cat, m) else "")))
+        rows.append(row)
+    lines.append(table(["category", *modes], rows))
+    outputs = [c for c in report.checks if c.name == "smoke" and any(c.details.get(k) for k in MODEL_TEXT)]
+    if outputs:
+        lines += ["", "## Model outputs (smoke check)", ""]
+        for k in MODEL_TEXT:
+            if outputs[0].details.get(k):
+                lines += [f"{k}:", "", block(outputs[0].details[k], limit=2000), ""]
     failed = [c for c in report.cases if not c.passed]
     if failed:
-        lines += ["", "## Failed cases", ""] + [f"- `{c.case}` ({c.category} × {c.mode}): {c.reason}" for c in failed]
+        lines += ["", f"## Failed cases ({len(failed)}; every case with its whole reason: table artifact {code(key + '-cases')})", "",
+                  table(["case", "category", "tool_choice", "gated", "reason"],
+                        [[code(c.case), c.category, c.mode, "yes" if gate.requires(c.category, c.mode) else "no",
+                          text(c.reason, limit=DETAIL_LIMIT)] for c in failed])]
     create_markdown_artifact("\n".join(lines), key=key, description="Validation summary")
 
 
@@ -152,10 +195,12 @@ def validate(
     runs a BFCL-format data set instead of the repo's cases (docs/validation-bfcl.md): e.g.
     {"questions": "s3://b/BFCL_v4_simple_python.json", "answers": "s3://b/possible_answer/BFCL_v4_simple_python.json"}."""
     bfcl = load_bfcl_suite(bfcl_suite, s3=lambda: s3_client(load_config(ModelStore, model_store_block))) if bfcl_suite else None
-    max_len, adapters = None, []
+    max_len, adapters, region = None, [], None
+    store = load_config(ModelStore, model_store_block)  # its credentials read the API key, as deploy wrote it
     if stack:
         check_stack_name(stack)
-        state = require_state(load_config(ModelStore, model_store_block), stack)
+        state = require_state(store, stack)
+        region = state.settings.get("region")
         endpoint_url, api_key_secret = state.endpoint.url, state.endpoint.api_key_secret
         served_model_name = served_model_name or state.endpoint.served_model_name
         max_len = state.settings.get("max_model_len")
@@ -173,7 +218,7 @@ def validate(
     for name in adapters:  # an adapter without a profile of its own is held to its base model's
         if name not in gates and not has_own_gate(name) and base_gate:
             gates[name] = base_gate
-    key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret).get_secret_value()
+    key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret, store.credentials, region).get_secret_value()
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
                           extra_cases=extra_cases, bfcl_suite=bfcl, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,

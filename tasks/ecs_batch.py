@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, field_validator
 from blocks.catalogue import gpu_instances
 from blocks.vllm_server import VllmServerSettings
 from tasks.batch_offline import JobResult, OfflineJobFailed, job_environment
+from tasks.ecs_service import host_share
 from tasks.errors import PipelineInputError
 from tasks.naming import check_stack_name, resource_name, tag_list
 
@@ -82,14 +83,16 @@ def task_definition(stack: str, job: EcsBatchJob, settings: VllmServerSettings, 
     clash = set(env) & set(job.secrets)
     if clash:
         raise PipelineInputError(f"secrets {sorted(clash)} would shadow the job's own settings")
-    memory = int(inst.memory_gib * 1024 * 0.9)  # the rest for the ECS agent and the OS
+    # its tensor-parallel GPUs' share of the host, as the service reserves (ecs_service.host_share):
+    # the job fits beside the service on a host whose GPUs the service leaves free
+    cpu, memory = host_share([job.instance_type], settings.tensor_parallel_size)
     return {
         "family": resource_name(stack, "batch"),
         "taskRoleArn": job.task_role_arn,
         "executionRoleArn": job.execution_role_arn,
         "networkMode": "bridge",  # no listener: outbound only
         "requiresCompatibilities": ["EC2"],
-        "cpu": str(inst.vcpus * 1024),
+        "cpu": str(cpu),
         "memory": str(memory),
         "containerDefinitions": [{
             "name": CONTAINER,
@@ -98,7 +101,7 @@ def task_definition(stack: str, job: EcsBatchJob, settings: VllmServerSettings, 
             "command": ["batch"],  # the image's ENTRYPOINT is entrypoint.py; this picks its batch mode
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(job.secrets.items())],
-            "resourceRequirements": [{"type": "GPU", "value": str(inst.gpus)}],
+            "resourceRequirements": [{"type": "GPU", "value": str(settings.tensor_parallel_size)}],
             "linuxParameters": {"sharedMemorySize": job.shared_memory_mib},
             "logConfiguration": {"logDriver": "awslogs", "options": {
                 "awslogs-group": log_group(stack, job), "awslogs-region": job.region,

@@ -93,15 +93,25 @@ def container_environment(settings: VllmServerSettings, model_uri: str, port: in
     }
 
 
+def host_share(instance_types: list[str], gpus: int) -> tuple[int, int]:
+    """(CPU units, memory MiB) a task using `gpus` of a host's GPUs reserves, on the smallest of
+    `instance_types`: its GPUs' share of the host, after 256 CPU units and 10% of the memory are left
+    to the ECS agent and the OS. The service and the offline batch task both reserve this way, so
+    on a host with GPUs to spare (service TP 1 of 4 GPUs, say) the batch task fits beside the
+    service: shares of GPUs that add up to at most the host's add up to at most its CPU and memory."""
+    cpu = min((gpu_instances()[t].vcpus * 1024 - 256) * gpus // gpu_instances()[t].gpus for t in instance_types)
+    memory = min(int(gpu_instances()[t].memory_gib * 1024 * 0.9) * gpus // gpu_instances()[t].gpus for t in instance_types)
+    return max(256, cpu), memory
+
+
 def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCapacity, instance_type: str,
                     image_uri: str, model_uri: str, execution_role: str, task_role: str, secrets: dict[str, str],
                     adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None) -> dict:
     """register_task_definition's arguments. CPU and memory leave room for the ECS agent and the OS
     on the smallest instance the Auto Scaling group may launch; GPUs = tensor parallel size."""
     inst = gpu_instances()[instance_type]
-    types = [instance_type, *capacity.fallback_instance_types]
-    vcpus = min(gpu_instances()[t].vcpus for t in types)
-    memory_gib = min(gpu_instances()[t].memory_gib for t in types)
+    gpus = min(settings.tensor_parallel_size, inst.gpus)
+    cpu, memory = host_share([instance_type, *capacity.fallback_instance_types], gpus)
     port = capacity.container_port
     env = container_environment(settings, model_uri, port, adapters, adapter_index_uri)
     return {
@@ -110,8 +120,8 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
         "executionRoleArn": execution_role,
         "networkMode": "bridge",
         "requiresCompatibilities": ["EC2"],
-        "cpu": str(max(256, (vcpus * 1024) - 256)),
-        "memory": str(int(memory_gib * 1024 * 0.9)),
+        "cpu": str(cpu),
+        "memory": str(memory),
         "containerDefinitions": [{
             "name": CONTAINER,
             "image": image_uri,
@@ -119,7 +129,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
             "portMappings": [{"containerPort": port, "hostPort": port, "protocol": "tcp"}],
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(secrets.items())],
-            "resourceRequirements": [{"type": "GPU", "value": str(min(settings.tensor_parallel_size, inst.gpus))}],
+            "resourceRequirements": [{"type": "GPU", "value": str(gpus)}],
             "ulimits": [{"name": "memlock", "softLimit": -1, "hardLimit": -1},
                         {"name": "nofile", "softLimit": 65535, "hardLimit": 65535}],
             "linuxParameters": {"sharedMemorySize": capacity.shared_memory_mib, "initProcessEnabled": True},

@@ -21,7 +21,7 @@ from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from tasks import ecs_service as svc
 from tasks import gpu_hosts, iam, network
-from tasks.aws import Aws
+from tasks.aws import Aws, unless_gone
 from tasks.errors import PipelineInputError, retry_if_transient
 from tasks.naming import log_group_name, resource_name
 from tasks.secrets import ensure_secret, read_secret
@@ -133,7 +133,7 @@ def deploy_ecs(
     tg_arn = rec.keep("target-group", *step("target-group", svc.ensure_target_group, aws, stack, capacity, net.vpc_id))
     rec.keep("listener", *step("listener", svc.ensure_listener, aws, stack, capacity, lb["LoadBalancerArn"], tg_arn))
 
-    before = _service_task_definition(aws, cluster, stack)
+    before = step("service-before", _service_task_definition, aws, cluster, stack)
     svc_arn, made = step("service", svc.ensure_service, aws, stack, cluster, td_arn, capacity, tg_arn, provider)
     rec.keep("service", f"{cluster}/{resource_name(stack, 'service')}", made)
     if before and before != td_arn:
@@ -159,10 +159,11 @@ def _keep_secret(rec: Recorder, aws: Aws, stack: str, what: str, value: SecretSt
 
 
 def _service_task_definition(aws: Aws, cluster: str, stack: str) -> str | None:
-    try:
-        found = aws.client("ecs").describe_services(cluster=cluster, services=[resource_name(stack, "service")])["services"]
-    except Exception:  # noqa: BLE001 - no cluster yet: no service
-        return None
+    """The service's task definition now: what a failed update rolls back to. None only when there is
+    no service (or no cluster yet); any other error (throttled, denied) is raised, so an update never
+    goes ahead without knowing what to roll back to (the step's retry rule retries the transient ones)."""
+    found = (unless_gone(lambda: aws.client("ecs").describe_services(cluster=cluster, services=[resource_name(stack, "service")]),
+                         "ClusterNotFoundException") or {}).get("services", [])
     return next((s["taskDefinition"] for s in found if s["status"] == "ACTIVE"), None)
 
 

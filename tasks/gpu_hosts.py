@@ -12,6 +12,8 @@ and managed termination protection keeps a host with a running task from being s
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import time
 
 from botocore.exceptions import ClientError
@@ -70,24 +72,32 @@ def launch_template_data(capacity: EcsGpuCapacity, ami: str, cluster: str, profi
     }
 
 
+def launch_template_fingerprint(data: dict) -> str:
+    """A digest of the whole launch-template data, kept as each version's description: EC2 answers
+    the data back in its own normal form, so the digest of what we sent is what is compared."""
+    return "vllm-pipeline " + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def ensure_launch_template(aws: Aws, stack: str, data: dict) -> tuple[str, bool]:
-    """Get-or-create; a changed AMI/profile/instance type becomes a new version made the default."""
+    """Get-or-create; any change of the data (AMI, instance type, profile, security group, disk,
+    user data, ...) becomes a new version made the default."""
     ec2 = aws.client("ec2")
     name = resource_name(stack, "hosts")
+    fingerprint = launch_template_fingerprint(data)
     found = (unless_gone(lambda: ec2.describe_launch_templates(LaunchTemplateNames=[name]),
                          "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound")
              or {}).get("LaunchTemplates", [])
     if not found:
         lt = ec2.create_launch_template(
-            LaunchTemplateName=name, LaunchTemplateData=data,
+            LaunchTemplateName=name, LaunchTemplateData=data, VersionDescription=fingerprint,
             TagSpecifications=[{"ResourceType": "launch-template", "Tags": tag_list(stack)}],
         )["LaunchTemplate"]
         return lt["LaunchTemplateId"], True
     lt_id = found[0]["LaunchTemplateId"]
     current = ec2.describe_launch_template_versions(LaunchTemplateId=lt_id, Versions=["$Default"])["LaunchTemplateVersions"]
-    if not current or current[0]["LaunchTemplateData"].get("ImageId") != data["ImageId"] \
-            or current[0]["LaunchTemplateData"].get("InstanceType") != data["InstanceType"]:
-        version = ec2.create_launch_template_version(LaunchTemplateId=lt_id, LaunchTemplateData=data)["LaunchTemplateVersion"]
+    if not current or current[0].get("VersionDescription") != fingerprint:  # older versions have none: one new version
+        version = ec2.create_launch_template_version(LaunchTemplateId=lt_id, LaunchTemplateData=data,
+                                                     VersionDescription=fingerprint)["LaunchTemplateVersion"]
         ec2.modify_launch_template(LaunchTemplateId=lt_id, DefaultVersion=str(version["VersionNumber"]))
     return lt_id, False
 
@@ -132,7 +142,7 @@ def ensure_auto_scaling_group(aws: Aws, stack: str, capacity: EcsGpuCapacity, lt
 
 
 def ensure_capacity_provider(aws: Aws, stack: str, asg_arn: str, cluster: str) -> tuple[str, bool]:
-    """Get-or-create the provider and make it the cluster's default strategy."""
+    """Get-or-create the provider and add it to the cluster (its default strategy if it has none)."""
     ecs = aws.client("ecs")
     name = resource_name(stack, "gpu")
     found = [cp for cp in ecs.describe_capacity_providers(capacityProviders=[name]).get("capacityProviders", [])
@@ -151,12 +161,14 @@ def ensure_capacity_provider(aws: Aws, stack: str, asg_arn: str, cluster: str) -
             },
         )["capacityProvider"]["capacityProviderArn"]
         created = True
-    have = ecs.describe_clusters(clusters=[cluster])["clusters"][0].get("capacityProviders", [])
+    found_cluster = ecs.describe_clusters(clusters=[cluster])["clusters"][0]
+    have = found_cluster.get("capacityProviders", [])
     if name not in have:
-        ecs.put_cluster_capacity_providers(
-            cluster=cluster, capacityProviders=[*have, name],
-            defaultCapacityProviderStrategy=[{"capacityProvider": name, "weight": 1, "base": 0}],
-        )
+        # The cluster may be shared: its providers and its default strategy stay as they are (our
+        # service names its provider itself); ours becomes the default only where there is none.
+        strategy = found_cluster.get("defaultCapacityProviderStrategy") or [{"capacityProvider": name, "weight": 1, "base": 0}]
+        ecs.put_cluster_capacity_providers(cluster=cluster, capacityProviders=[*have, name],
+                                           defaultCapacityProviderStrategy=strategy)
         wait_for_attachments(ecs, cluster)
     return arn, created
 
@@ -187,9 +199,10 @@ def delete_capacity_provider(aws: Aws, name: str, cluster: str | None) -> bool:
         try:
             found = ecs.describe_clusters(clusters=[cluster])["clusters"]
             if found and name in found[0].get("capacityProviders", []):
-                ecs.put_cluster_capacity_providers(
+                ecs.put_cluster_capacity_providers(  # only ours goes: the rest of a shared cluster's setup stays
                     cluster=cluster, capacityProviders=[c for c in found[0]["capacityProviders"] if c != name],
-                    defaultCapacityProviderStrategy=[],
+                    defaultCapacityProviderStrategy=[s for s in found[0].get("defaultCapacityProviderStrategy", [])
+                                                     if s["capacityProvider"] != name],
                 )
                 wait_for_attachments(ecs, cluster)
         except ClientError as exc:

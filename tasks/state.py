@@ -54,6 +54,7 @@ class StackState(BaseModel):
     settings: dict = Field(default_factory=dict)  # non-secret server settings, for the record
     ttl_hours: float = Field(default=24, gt=0, description="The reap flow tears the stack down after this long without a deploy.")
     history: list[str] = Field(default_factory=list)
+    lock_until: str | None = None  # a deploy in progress holds the stack until then (flows/deploy.py)
 
     def add_resource(self, kind: str, id: str, region: str | None = None) -> None:
         if not any(r.kind == kind and r.id == id for r in self.resources):

@@ -78,7 +78,8 @@ def test_ecs_task_definition_shape_in_moto(local_aws):
     td = ecs.describe_task_definition(taskDefinition=arn, include=["TAGS"])
     d, c = td["taskDefinition"], td["taskDefinition"]["containerDefinitions"][0]
     assert d["family"] == "vllm-s1-batch" and d["requiresCompatibilities"] == ["EC2"]
-    assert d["cpu"] == str(8 * 1024) and int(d["memory"]) == int(32 * 1024 * 0.9)  # g5.2xlarge: 8 vCPU, 32 GiB
+    # g5.2xlarge: 8 vCPU, 32 GiB, 1 GPU: all of it less what the service also leaves (ecs_service.host_share)
+    assert d["cpu"] == str(8 * 1024 - 256) and int(d["memory"]) == int(32 * 1024 * 0.9)
     assert c["resourceRequirements"] == [{"type": "GPU", "value": "1"}] or c["resourceRequirements"] == [{"value": "1", "type": "GPU"}]
     assert c["command"] == ["batch"]
     env = {e["name"]: e["value"] for e in c["environment"]}

@@ -1,0 +1,330 @@
+"""Review findings of issue #22, each pinned by a test against the moto server (or pure arithmetic)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from botocore.exceptions import ClientError, NoCredentialsError
+from prefect import flow
+from prefect_aws import AwsCredentials
+from pydantic import SecretStr
+
+from blocks.catalogue import gpu_instances
+from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.model_store import ModelStore
+from blocks.vllm_server import VllmServerSettings
+from tasks import ecs_batch, ecs_service, gpu_hosts
+from tasks.aws import Aws, aws_client
+from tasks.naming import resource_name
+from tasks.secrets import ensure_secret
+from tasks.state import Endpoint, StackState, save_state
+
+pytestmark = pytest.mark.integration
+REGION = "us-east-1"
+
+
+def _client_error(code: str, op: str = "DescribeServices") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": f"injected {code}"},
+                        "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
+
+
+# ------------------------------------------------------------ finding 1: the adapter roll names the service
+
+
+def test_roll_service_updates_the_stacks_service(local_aws, bucket):
+    from flows.adapters import _roll_service
+
+    stack = "rollsvc"
+    ecs = aws_client("ecs", region=REGION)
+    cluster = resource_name(stack, "cluster")
+    ecs.create_cluster(clusterName=cluster)
+    td = ecs.register_task_definition(family=resource_name(stack, "server"), containerDefinitions=[
+        {"name": "vllm", "image": "x", "memory": 512}])["taskDefinition"]["taskDefinitionArn"]
+    ecs.create_service(cluster=cluster, serviceName=resource_name(stack, "service"), taskDefinition=td, desiredCount=0)
+    state = StackState(stack=stack, target="ecs", settings={"region": REGION, "cluster": None, "desired_count": 2})
+    _roll_service(ModelStore(bucket_name=bucket), state)  # ServiceNotFoundException before the fix
+
+
+# ------------------------------------- finding 5: the API key is read with the ModelStore block's credentials
+
+
+@pytest.fixture()
+def block_only_credentials(local_aws, bucket, monkeypatch):
+    """The blocks hold the credentials; the environment has none (no keys, no files, no instance role)."""
+    creds = AwsCredentials(aws_access_key_id="testing", aws_secret_access_key=SecretStr("testing"), region_name=REGION)
+    store = ModelStore(bucket_name=bucket, credentials=creds)
+    arn = ensure_secret("blockcreds", "api-key", SecretStr("sk-block"), creds, REGION)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(NoCredentialsError):  # the environment's credentials cannot read it
+        aws_client("secretsmanager", region=REGION).get_secret_value(SecretId=arn)
+    return store, arn
+
+
+def test_batch_reads_api_key_with_block_credentials(block_only_credentials):
+    from flows.batch import _endpoint_resolver
+
+    store, arn = block_only_credentials
+    assert _endpoint_resolver(store, None, "http://x", arn)() == ("http://x", "sk-block")
+    state = StackState(stack="blockcreds", target="ecs", status="running",
+                       endpoint=Endpoint(url="http://y", served_model_name="m", api_key_secret=arn))
+    save_state(store, state, None)
+    assert _endpoint_resolver(store, "blockcreds", None, None)() == ("http://y", "sk-block")
+
+
+def test_validate_reads_api_key_with_block_credentials(block_only_credentials, monkeypatch):
+    import flows.validate as validate_mod
+
+    store, arn = block_only_credentials
+    state = StackState(stack="blockcreds", target="ecs", status="running",
+                       endpoint=Endpoint(url="http://y", served_model_name="m", api_key_secret=arn))
+    save_state(store, state, None)
+    seen = {}
+
+    def fake_validate_endpoint(url, api_key, name, **kw):
+        seen["key"] = api_key
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(validate_mod, "load_config", lambda cls, name=None: store)
+    monkeypatch.setattr(validate_mod, "validate_endpoint", fake_validate_endpoint)
+    with pytest.raises(RuntimeError, match="stop here"):
+        flow(name="t-validate")(validate_mod.validate.fn)(stack="blockcreds")
+    assert seen["key"] == "sk-block"
+
+
+def test_update_adapters_reads_api_key_with_block_credentials(block_only_credentials, monkeypatch):
+    import flows.adapters as adapters_mod
+    from blocks.model_source import ModelSource
+    from tasks.state import ModelRef
+
+    store, arn = block_only_credentials
+    ref = ModelRef(repo_id="a/b", sha="0" * 40, s3_uri=f"s3://{store.bucket_name}/m")
+    state = StackState(stack="blockcreds", target="local", status="running", model=ref, adapters={"ad": ref},
+                       settings={"enable_lora": True, "max_lora_rank": 16},
+                       endpoint=Endpoint(url="http://y", served_model_name="m", api_key_secret=arn))
+    save_state(store, state, None)
+    seen = {}
+    monkeypatch.setattr(adapters_mod, "load_config", lambda cls, name=None: store if cls is ModelStore else ModelSource())
+    monkeypatch.setattr(adapters_mod, "unload_adapter", lambda url, key, name: seen.setdefault("key", key) and True)
+    monkeypatch.setattr(adapters_mod, "served_models", lambda url, key: ["m"])
+    monkeypatch.setattr(adapters_mod, "create_markdown_artifact", lambda *a, **kw: None)
+    flow(name="t-adapters")(adapters_mod.update_adapters.fn)(stack="blockcreds", remove=["ad"])
+    assert seen["key"] == "sk-block"
+
+
+def test_local_target_reads_api_key_with_given_credentials(block_only_credentials, monkeypatch):
+    import tasks.local_target as lt
+
+    store, arn = block_only_credentials
+    seen = {}
+
+    def fake_start(stack, settings, model_uri, api_key, adapters, index):
+        seen["key"] = api_key
+        return 1, "http://127.0.0.1:1", "/tmp/log"
+
+    monkeypatch.setattr(lt, "start_server", fake_start)
+    from tasks.state import ModelRef
+
+    model = ModelRef(repo_id="a/b", sha="0" * 40, s3_uri=f"s3://{store.bucket_name}/m")
+    flow(name="t-local")(lt.start_local_server.fn)("blockcreds", VllmServerSettings(served_model_name="m"), model, arn,
+                                                   credentials=store.credentials)
+    assert seen["key"] == "sk-block"
+
+
+# ------------------------------------------- finding 6: a shared cluster's providers and strategy are kept
+
+
+def _cluster_with_other_provider(stack: str) -> tuple[str, str]:
+    aws = Aws(region=REGION)
+    ecs, asg = aws.client("ecs"), aws.client("autoscaling")
+    cluster = resource_name(stack, "cluster")
+    ecs.create_cluster(clusterName=cluster)
+    ec2 = aws.client("ec2")
+    ec2.create_launch_template(LaunchTemplateName=f"{stack}-other", LaunchTemplateData={"ImageId": "ami-12345678",
+                                                                                       "InstanceType": "t3.micro"})
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    for name in (f"{stack}-other", f"{stack}-ours"):
+        asg.create_auto_scaling_group(AutoScalingGroupName=name, MinSize=0, MaxSize=1,
+                                      LaunchTemplate={"LaunchTemplateName": f"{stack}-other"}, VPCZoneIdentifier=subnet)
+    other_arn = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[f"{stack}-other"])["AutoScalingGroups"][0]["AutoScalingGroupARN"]
+    ecs.create_capacity_provider(name=f"{stack}-other", autoScalingGroupProvider={"autoScalingGroupArn": other_arn})
+    ecs.put_cluster_capacity_providers(cluster=cluster, capacityProviders=[f"{stack}-other"],
+                                       defaultCapacityProviderStrategy=[{"capacityProvider": f"{stack}-other", "weight": 3, "base": 1}])
+    ours = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[f"{stack}-ours"])["AutoScalingGroups"][0]["AutoScalingGroupARN"]
+    return cluster, ours
+
+
+def test_shared_cluster_strategy_kept_on_deploy_and_teardown(local_aws):
+    stack = "sharedcl"
+    aws = Aws(region=REGION)
+    cluster, asg_arn = _cluster_with_other_provider(stack)
+    other = {"capacityProvider": f"{stack}-other", "weight": 3, "base": 1}
+    gpu_hosts.ensure_capacity_provider(aws, stack, asg_arn, cluster)
+    found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"][0]
+    assert sorted(found["capacityProviders"]) == sorted([f"{stack}-other", resource_name(stack, "gpu")])
+    assert found["defaultCapacityProviderStrategy"] == [other]
+
+    gpu_hosts.delete_capacity_provider(aws, resource_name(stack, "gpu"), cluster)
+    found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"][0]
+    assert found["capacityProviders"] == [f"{stack}-other"]
+    assert found["defaultCapacityProviderStrategy"] == [other]
+
+
+def test_own_cluster_gets_our_default_strategy_and_loses_only_ours(local_aws):
+    stack = "owncl"
+    aws = Aws(region=REGION)
+    cluster, asg_arn = _cluster_with_other_provider(stack)
+    aws.client("ecs").put_cluster_capacity_providers(  # a shared cluster with no default strategy
+        cluster=cluster, capacityProviders=[f"{stack}-other"], defaultCapacityProviderStrategy=[])
+    gpu_hosts.ensure_capacity_provider(aws, stack, asg_arn, cluster)
+    ours = resource_name(stack, "gpu")
+    found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"][0]
+    assert [s["capacityProvider"] for s in found["defaultCapacityProviderStrategy"]] == [ours]
+    gpu_hosts.delete_capacity_provider(aws, ours, cluster)
+    found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"][0]
+    assert found["capacityProviders"] == [f"{stack}-other"]
+    assert found.get("defaultCapacityProviderStrategy", []) == []
+
+
+# ------------------------------- finding 8: only "not found" means no previous task definition
+
+
+class _Ecs:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def describe_services(self, **_):
+        raise self.exc
+
+
+class _FakeAws:
+    def __init__(self, exc):
+        self.ecs = _Ecs(exc)
+
+    def client(self, _service):
+        return self.ecs
+
+
+@pytest.mark.parametrize("code", ["ThrottlingException", "AccessDeniedException"])
+def test_service_task_definition_propagates_other_errors(code):
+    from tasks.ecs_target import _service_task_definition
+
+    with pytest.raises(ClientError, match=code):
+        _service_task_definition(_FakeAws(_client_error(code)), "c", "s")
+
+
+def test_service_task_definition_none_when_no_cluster(local_aws):
+    from tasks.ecs_target import _service_task_definition
+
+    assert _service_task_definition(Aws(region=REGION), "no-such-cluster-xyz", "s") is None
+
+
+# ------------------------------------------------------------------ finding 9: the deploy lock's length
+
+
+def test_deploy_lock_outlasts_the_deploy_timeout():
+    from flows.deploy import _refuse_if_busy, lock
+    from tasks.errors import PipelineInputError
+
+    state = StackState(stack="locked", target="ecs")
+    lock(state, ready_timeout_s=1800)
+    # 50 minutes later, the deploy still waiting for its service (up to 30 min of creates + 30 of wait)
+    shift = timedelta(minutes=50)
+    state.updated_at = (datetime.fromisoformat(state.updated_at) - shift).isoformat()
+    state.lock_until = (datetime.fromisoformat(state.lock_until) - shift).isoformat()
+    with pytest.raises(PipelineInputError, match="deploying"):
+        _refuse_if_busy(state, "locked", "ecs")
+    # and a dead run's lock does expire
+    state.lock_until = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    state.updated_at = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
+    _refuse_if_busy(state, "locked", "ecs")
+
+
+def test_deploy_to_ecs_records_a_lock_covering_its_timeout(local_aws, bucket, monkeypatch):
+    """What deploy_to_ecs writes before its first resource holds the lock for at least ready_timeout_s."""
+    import flows.deploy as deploy_mod
+    from tasks.state import load_state
+
+    seen = {}
+
+    def stop(*a, **kw):
+        state, _ = load_state(ModelStore(bucket_name=bucket), "lockrec")
+        seen["state"] = state
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(deploy_mod, "deploy_ecs", stop)
+    monkeypatch.setattr(deploy_mod, "rollback", lambda *a, **kw: [])
+    monkeypatch.setattr(deploy_mod, "plan_task", lambda *a, **kw: None)
+    monkeypatch.setattr(deploy_mod, "choose_instance", lambda plan, cap, s: ("g6.xlarge", s, 1.0))
+    model = deploy_mod.ModelRef(repo_id="a/b", sha="0" * 40, s3_uri=f"s3://{bucket}/m")
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/vllm-pipeline/vllm@sha256:" + "ab" * 32
+    with pytest.raises(RuntimeError, match="stop here"):
+        flow(name="t-lock")(deploy_mod.deploy_to_ecs)("lockrec", ModelStore(bucket_name=bucket),
+                                                      VllmServerSettings(served_model_name="m"), EcsGpuCapacity(), model,
+                                                      image, ready_timeout_s=3600)
+    until = datetime.fromisoformat(seen["state"].lock_until)
+    assert until - datetime.now(timezone.utc) > timedelta(seconds=3600)
+
+
+# ------------------------- finding 10: the batch task fits beside the service on a host with GPUs to spare
+
+
+def test_batch_and_service_reservations_fit_one_host():
+    job_kw = dict(cluster="c", image_uri="i", capacity_provider="p", execution_role_arn="arn:aws:iam::123456789012:role/e",
+                  task_role_arn="arn:aws:iam::123456789012:role/t")
+    checked = 0
+    for name, inst in gpu_instances().items():
+        for tp_service in range(1, inst.gpus + 1):
+            service = ecs_service.task_definition(
+                "fit", VllmServerSettings(served_model_name="m", tensor_parallel_size=tp_service), EcsGpuCapacity(),
+                name, "img", "s3://b/m", "arn:aws:iam::123456789012:role/e", "arn:aws:iam::123456789012:role/t", {})
+            s_gpus = int(service["containerDefinitions"][0]["resourceRequirements"][0]["value"])
+            assert int(service["cpu"]) <= inst.vcpus * 1024
+            assert int(service["memory"]) <= inst.memory_gib * 1024 * 0.9 + 1
+            for tp_batch in range(1, inst.gpus - s_gpus + 1):
+                batch = ecs_batch.task_definition("fit", ecs_batch.EcsBatchJob(instance_type=name, **job_kw),
+                                                  VllmServerSettings(served_model_name="m", tensor_parallel_size=tp_batch),
+                                                  "s3://b/m")
+                b_gpus = int(batch["containerDefinitions"][0]["resourceRequirements"][0]["value"])
+                assert s_gpus + b_gpus <= inst.gpus, name
+                # what ECS registers for the host: all its CPU units; memory less the OS's share (0.9 is safe)
+                assert int(service["cpu"]) + int(batch["cpu"]) <= inst.vcpus * 1024, (name, tp_service, tp_batch)
+                assert int(service["memory"]) + int(batch["memory"]) <= inst.memory_gib * 1024 * 0.9 + 1, (name, tp_service, tp_batch)
+                checked += 1
+    assert checked > 0  # the catalogue has multi-GPU instances
+
+
+# ------------------------------------------ finding 11: any launch-template change makes a new version
+
+
+def _lt_data(stack, **change):
+    cap = EcsGpuCapacity(**change.pop("capacity", {}))
+    kw = dict(ami="ami-12345678", cluster="c", profile_arn="arn:aws:iam::123456789012:instance-profile/p",
+              host_sg="sg-1", instance_type="g6.xlarge", stack=stack)
+    kw.update(change)
+    return gpu_hosts.launch_template_data(cap, **kw)
+
+
+@pytest.mark.parametrize("change", [
+    {"profile_arn": "arn:aws:iam::123456789012:instance-profile/other"},
+    {"host_sg": "sg-2"},
+    {"cluster": "other-cluster"},  # the user data
+    {"capacity": {"root_volume_gib": 300}},
+])
+def test_launch_template_new_version_on_any_change(local_aws, change):
+    stack = "ltv" + str(abs(hash(str(change))) % 10000)
+    aws = Aws(region=REGION)
+    ec2 = aws.client("ec2")
+    lt_id, created = gpu_hosts.ensure_launch_template(aws, stack, _lt_data(stack))
+    assert created
+    gpu_hosts.ensure_launch_template(aws, stack, _lt_data(stack))  # unchanged: no new version
+    assert len(ec2.describe_launch_template_versions(LaunchTemplateId=lt_id)["LaunchTemplateVersions"]) == 1
+    gpu_hosts.ensure_launch_template(aws, stack, _lt_data(stack, **change))
+    versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt_id)["LaunchTemplateVersions"]
+    assert len(versions) == 2
+    default = ec2.describe_launch_template_versions(LaunchTemplateId=lt_id, Versions=["$Default"])["LaunchTemplateVersions"][0]
+    assert default["VersionNumber"] == 2
