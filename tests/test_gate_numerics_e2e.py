@@ -22,7 +22,9 @@ from tasks.secrets import read_secret
 from tasks.validation.suite import gate_failures, load_gate, load_suite, run_suite
 from test_local_target_e2e import _deploy, _teardown, staged_default  # noqa: F401 - module fixture
 
-pytestmark = pytest.mark.e2e
+# Four vLLM servers and two full validations: ~12 minutes on 2 cores, so outside the default run
+# (`.venv/bin/python -m pytest -m slow tests/test_gate_numerics_e2e.py`).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PATHS = {
     "onednn-avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {}),
