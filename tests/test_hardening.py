@@ -113,15 +113,18 @@ def test_two_deploys_of_one_stack_one_refuses_and_two_stacks_proceed(bucket):
     store = ModelStore(bucket_name=bucket)
     model = stage_fake(bucket, "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_135M, [SMOLLM2_BYTES])
 
-    def attempt(stack):
+    def attempt(stack, timeout=2):
         try:
-            run_deploy(stack, store, model, timeout=2)
+            run_deploy(stack, store, model, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - the outcome is what is tested
             return exc
         return None
 
+    # The deploy that gets the lock waits 30 s for hosts that never come, so the two runs overlap
+    # even when one thread starts late on a loaded machine (with 2 s the first could finish and roll
+    # back before the second read the record, and then the second rightly proceeded).
     with ThreadPoolExecutor(2) as pool:
-        same = list(pool.map(attempt, ["locked", "locked"]))
+        same = list(pool.map(lambda s: attempt(s, timeout=30), ["locked", "locked"]))
     refused = [e for e in same if isinstance(e, (PipelineInputError, StateConflict))]
     proceeded = [e for e in same if e is not None and "no container instance" in str(e)]
     assert len(refused) == 1 and len(proceeded) == 1, same
