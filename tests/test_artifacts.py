@@ -8,7 +8,6 @@ pipeline summary names every step's real outcome for a failure at each step (its
 
 from __future__ import annotations
 
-import html
 import re
 from html.parser import HTMLParser
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from markdown_it import MarkdownIt
 
-from tasks.markdown import Md, block, code, one_line, table, text
+from tasks.markdown import block, code, one_line, table, text
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # CommonMark + GFM tables
 
