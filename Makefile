@@ -10,7 +10,7 @@ setup-demo:
 	bash scripts/setup.sh demo
 
 demo: setup-demo
-	.venv/bin/python -m flows.demo
+	.venv/bin/python -m embedded.demo
 
 test: setup
 	.venv/bin/python -m pytest

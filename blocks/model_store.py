@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pydantic import Field, field_validator
 from prefect_aws import AwsCredentials, S3Bucket
+from pydantic import Field, field_validator
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 

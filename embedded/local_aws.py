@@ -73,7 +73,7 @@ def local_aws(bucket: str = DEFAULT_BUCKET, region: str = DEFAULT_REGION, port: 
     stack = LocalAws(endpoint=endpoint, bucket=bucket, region=region)
     try:
         with patched_env(stack.env):
-            from tasks.aws import aws_client
+            from tasks.core.aws import aws_client
 
             aws_client("s3").create_bucket(Bucket=bucket)
             yield stack

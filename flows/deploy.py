@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
-from pydantic import PositiveFloat, PositiveInt, SecretStr
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.variables import Variable
+from pydantic import PositiveFloat, PositiveInt, SecretStr
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
@@ -16,17 +16,19 @@ from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from flows.build import image_variable
-from tasks.aws import Aws
-from tasks.capacity import CapacityPlan, plan_task
-from tasks.ecs_target import Recorder, deploy_ecs, rollback
-from tasks.errors import PipelineInputError, flow
-from tasks.images import check_image_uri
-from tasks.lora import check_adapters, find_staged_adapters, write_index
-from tasks.markdown import code, text
-from tasks.local_target import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
-from tasks.models import find_staged_model
-from tasks.naming import check_stack_name, resource_name
-from tasks.state import ModelRef, StackState, delete_state, load_state, save_state
+from tasks.build.images import check_image_uri
+from tasks.capacity.choice import CapacityPlan
+from tasks.capacity.task import plan_task
+from tasks.core.aws import Aws
+from tasks.core.errors import PipelineInputError, flow
+from tasks.core.markdown import code, text
+from tasks.core.naming import check_stack_name, resource_name
+from tasks.core.state import ModelRef, StackState, delete_state, load_state, save_state
+from tasks.stage.lora import check_adapters, find_staged_adapters, write_index
+from tasks.stage.models import find_staged_model
+from tasks.targets.ecs.deploy import Recorder, deploy_ecs
+from tasks.targets.local.server import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
+from tasks.teardown.rollback import rollback
 
 DEPLOY_LOCK_TTL = timedelta(minutes=30)
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from flows.teardown import teardown
-from tasks.errors import flow
-from tasks.state import StackState, list_stacks, price_per_hour
+from tasks.core.errors import flow
+from tasks.core.state import StackState, list_stacks, price_per_hour
 
 
 class StackStatus(BaseModel):

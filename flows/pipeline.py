@@ -18,15 +18,16 @@ from pydantic import BaseModel, PositiveFloat, PositiveInt
 from flows.batch import BatchSummary, batch_inference
 from flows.build import BuildReport, build_images
 from flows.deploy import deploy_model
-from flows.plan import artifact_key as plan_artifact_key, plan_capacity
-from flows.stage import StagedModel, _artifact_key as stage_artifact_key, stage_model
+from flows.plan import artifact_key as plan_artifact_key
+from flows.plan import plan_capacity
+from flows.stage import StagedModel, stage_model
+from flows.stage import _artifact_key as stage_artifact_key
 from flows.teardown import TeardownReport, teardown_stack
 from flows.validate import ValidationReport, validate
-from tasks.batch import Concurrency
-from tasks.errors import flow
-from tasks.markdown import Md, artifact_page_link, bold, code, flow_run_link, table, text
-from tasks.naming import check_stack_name
-
+from tasks.batch.online import Concurrency
+from tasks.core.errors import flow
+from tasks.core.markdown import Md, artifact_page_link, bold, code, flow_run_link, table, text
+from tasks.core.naming import check_stack_name
 
 STEP_FLOWS = {"stage": "stage-model", "build": "build-images", "plan": "plan-capacity", "deploy": "deploy-model",
               "validate": "validate", "batch": "batch-inference", "teardown": "teardown"}
@@ -36,7 +37,7 @@ REASON_LIMIT = 300  # characters of a failure's reason in the summary; the step'
 class StepOutcome(BaseModel):
     step: str
     outcome: Literal["done", "skipped", "failed", "not reached"] = "not reached"
-    detail: str = ""  # markdown (tasks/markdown.py): what a done step made, or why a step was skipped
+    detail: str = ""  # markdown (tasks/core/markdown.py): what a done step made, or why a step was skipped
     reason: str = ""  # a failed step's error, its first line
     artifact: str | None = None  # the artifact key the step's subflow writes
 
@@ -219,7 +220,12 @@ def _runs_and_artifacts() -> tuple[dict[str, object], dict[tuple[object, str], o
     ((run id, key) -> artifact id), read back from the API; empty when it cannot be read."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterId, FlowRunFilter, FlowRunFilterParentFlowRunId,
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
     )
     from prefect.client.schemas.sorting import FlowRunSort
 

@@ -14,9 +14,11 @@ from blocks.loading import load_config
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from tasks.capacity import CapacityPlan, plan_task, render_markdown
-from tasks.errors import PipelineInputError, flow
-from tasks.models import find_staged_model
+from tasks.capacity.choice import CapacityPlan
+from tasks.capacity.report import render_markdown
+from tasks.capacity.task import plan_task
+from tasks.core.errors import PipelineInputError, flow
+from tasks.stage.models import find_staged_model
 
 
 def artifact_key(repo_id: str) -> str:

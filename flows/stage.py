@@ -12,15 +12,15 @@ from pydantic import BaseModel
 from blocks.loading import load_config
 from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
-from tasks.errors import PipelineInputError, flow
-from tasks.hub import resolve_revision
-from tasks.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
-from tasks.markdown import code, table
-from tasks.progress import Progress
-from tasks.s3 import model_prefix
-from tasks.state import ModelRef
-from tasks.staging import check_model_store, find_manifest, scan_prefix, stage_file, write_model_manifest
-from tasks.transfer import FileResult, TransferSettings, staging_order
+from tasks.core.errors import PipelineInputError, flow
+from tasks.core.markdown import code, table
+from tasks.core.progress import Progress
+from tasks.core.s3 import model_prefix
+from tasks.core.state import ModelRef
+from tasks.stage.hub import resolve_revision
+from tasks.stage.lora import ADAPTER_WEIGHTS, adapter_source, stage_s3_adapter
+from tasks.stage.staging import check_model_store, find_manifest, scan_prefix, stage_file, write_model_manifest
+from tasks.stage.transfer import FileResult, TransferSettings, staging_order
 
 
 class StagedModel(BaseModel):

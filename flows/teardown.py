@@ -1,7 +1,7 @@
 """teardown: stop and delete everything a stack made; idempotent; ends with a scan proving nothing is left.
 
 Both targets take the same path: the state record's resources plus what the scan finds (tags, IAM
-paths, names), deleted in dependency order (tasks/teardown.py), then a second scan that must come
+paths, names), deleted in dependency order (tasks/teardown/sweep.py), then a second scan that must come
 back empty. The staged model in S3 and the images in ECR are shared and kept unless asked.
 """
 
@@ -17,13 +17,13 @@ from pydantic import BaseModel
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
-from tasks.aws import Aws, error_code
-from tasks.errors import flow
-from tasks.markdown import code
-from tasks.naming import check_stack_name
-from tasks.s3 import s3_client, split_s3
-from tasks.state import Resource, StackState, delete_state, load_state, save_state
-from tasks.teardown import delete_all, leftovers, scan_task
+from tasks.core.aws import Aws, error_code
+from tasks.core.errors import flow
+from tasks.core.markdown import code
+from tasks.core.naming import check_stack_name
+from tasks.core.s3 import s3_client, split_s3
+from tasks.core.state import Resource, StackState, delete_state, load_state, save_state
+from tasks.teardown.sweep import delete_all, leftovers, scan_task
 
 
 class TeardownReport(BaseModel):

@@ -11,17 +11,25 @@ from pydantic import BaseModel, NonNegativeInt
 
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
-from tasks.endpoint import Endpoint, EndpointError
-from tasks.errors import PipelineInputError, flow
-from tasks.markdown import Md, block, bold, code, table, text
-from tasks.naming import check_stack_name
-from tasks.secrets import read_secret
-from tasks.s3 import s3_client
-from tasks.state import require_state
+from tasks.core.endpoint import Endpoint, EndpointError
+from tasks.core.errors import PipelineInputError, flow
+from tasks.core.markdown import Md, block, bold, code, table, text
+from tasks.core.naming import check_stack_name
+from tasks.core.s3 import s3_client
+from tasks.core.secrets import read_secret
+from tasks.core.state import require_state
 from tasks.validation.bfcl import load_bfcl_suite
 from tasks.validation.checker import Level
 from tasks.validation.checks import (
-    CheckResult, LatencyThresholds, Samples, check_readiness, latency_summary, smoke, streaming, tool_suite, warm_up,
+    CheckResult,
+    LatencyThresholds,
+    Samples,
+    check_readiness,
+    latency_summary,
+    smoke,
+    streaming,
+    tool_suite,
+    warm_up,
 )
 from tasks.validation.suite import CATEGORIES, CaseResult, Mode, has_own_gate, load_gate, load_suite, matrix
 

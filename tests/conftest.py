@@ -30,7 +30,7 @@ def local_aws():
 @pytest.fixture()
 def bucket(local_aws, request):
     """A fresh bucket per test, so tests never see each other's objects."""
-    from tasks.aws import aws_client
+    from tasks.core.aws import aws_client
 
     name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-") + "-" + os.urandom(3).hex()
     aws_client("s3").create_bucket(Bucket=name)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from markdown_it import MarkdownIt
 
-from tasks.markdown import block, code, one_line, table, text
+from tasks.core.markdown import block, code, one_line, table, text
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # CommonMark + GFM tables
 
@@ -137,7 +137,7 @@ def test_hostile_text_stays_in_its_cell(value):
     assert " ".join(rows[1][1].split()) == want
     assert " ".join(rows[2][1].split()) == want  # a plain str cell is escaped too
     shown = rows[1][2]
-    if "\\|" not in one_line(value):  # text, not code, for a backslash before a pipe (see tasks/markdown.py)
+    if "\\|" not in one_line(value):  # text, not code, for a backslash before a pipe (see tasks/core/markdown.py)
         assert shown.startswith("\x00") and shown.endswith("\x00")
     assert " ".join(shown.replace("\x00", "").split()) == want
 
@@ -228,14 +228,15 @@ def _fake_subflows(monkeypatch, fail: set[str], subflows: bool):
     """The pipeline's subflows as quick stand-ins writing their artifact key as the real ones do; a step
     in `fail` raises, its message with hostile text. `subflows`: as Prefect subflows with the real
     names (each its own run, ~1 s apiece here), else plain functions (no runs to link)."""
+    from prefect import flow as prefect_flow
+    from prefect.artifacts import create_markdown_artifact
+
     import flows.pipeline as p
     from flows.batch import BatchSummary
     from flows.build import BuildReport, BuiltImage
     from flows.stage import StagedModel
     from flows.teardown import TeardownReport
     from flows.validate import ValidationFailed, ValidationReport
-    from prefect import flow as prefect_flow
-    from prefect.artifacts import create_markdown_artifact
 
     def flow(name):
         return prefect_flow(name=name) if subflows else (lambda fn: fn)
@@ -328,8 +329,9 @@ CASES = {  # name: (failing steps, keep_failed, expected outcome per step)
 def test_pipeline_summary_names_every_steps_real_outcome(monkeypatch, case):
     """Issue #26: a run that failed at validate said `validate | not run`, and no failed step's reason
     was on the page. Now: done / skipped / FAILED with its reason / not reached, for a failure at each step."""
-    import flows.pipeline as p
     from prefect.artifacts import create_markdown_artifact
+
+    import flows.pipeline as p
 
     fail, keep_failed, expected = CASES[case]
     _fake_subflows(monkeypatch, fail, case in SUBFLOWS)

@@ -14,8 +14,8 @@ import pytest
 
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from tasks.aws import aws_client
-from tasks.batch import BatchSettings, finalize, parse_line, write_shard
+from tasks.batch.online import BatchSettings, finalize, parse_line, write_shard
+from tasks.core.aws import aws_client
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,8 +100,8 @@ def batch_model(local_aws):
     from embedded.model_kit import ensure_default_model
     from embedded.stack import DEFAULT_REPO_ID
     from flows.stage import stage
-    from tasks.state import ModelRef
-    from tasks.transfer import TransferSettings
+    from tasks.core.state import ModelRef
+    from tasks.stage.transfer import TransferSettings
 
     with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
         staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
@@ -166,7 +166,7 @@ def test_bad_lines_become_error_records_while_the_rest_succeeds(stack, bucket):
 @pytest.mark.e2e
 def test_missing_input_and_unreachable_endpoint_fail_fast(stack, bucket):
     from flows.batch import batch_inference
-    from tasks.errors import PipelineInputError
+    from tasks.core.errors import PipelineInputError
 
     with pytest.raises(PipelineInputError, match="does not exist"):
         batch_inference(input_uri=f"s3://{bucket}/nope.jsonl", stack=stack)
@@ -175,7 +175,7 @@ def test_missing_input_and_unreachable_endpoint_fail_fast(stack, bucket):
 @pytest.mark.e2e
 def test_server_killed_and_redeployed_mid_run(stack, bucket, batch_model):
     from flows.batch import batch_inference
-    from tasks.state import load_state
+    from tasks.core.state import load_state
 
     uri = _put(bucket, "jobs/restart.jsonl", _requests(300))
     result: dict = {}
@@ -203,7 +203,7 @@ def test_flow_process_killed_and_rerun(stack, bucket):
     from flows.batch import batch_inference
 
     uri = _put(bucket, "jobs/killed.jsonl", _requests(300))
-    code = ("from flows.batch import batch_inference; from tasks.batch import BatchSettings; "
+    code = ("from flows.batch import batch_inference; from tasks.batch.online import BatchSettings; "
             f"batch_inference(input_uri={uri!r}, stack={stack!r}, concurrency=4, settings=BatchSettings(shard_lines=10))")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": REPO}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

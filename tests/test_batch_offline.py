@@ -11,11 +11,11 @@ from pydantic import SecretStr
 
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from tasks.aws import aws_client
-from tasks.batch import error_record, is_ok
-from tasks.batch_offline import OfflineJobFailed, batch_vllm_args, merge_records, offline_check
-from tasks.ecs_batch import EcsBatchJob, log_link, register, run_batch_task, task_definition, wait_task
-from tasks.state import ModelRef
+from tasks.batch.offline import OfflineJobFailed, batch_vllm_args, merge_records, offline_check
+from tasks.batch.online import error_record, is_ok
+from tasks.core.aws import aws_client
+from tasks.core.state import ModelRef
+from tasks.targets.ecs.batch_job import EcsBatchJob, log_link, register, run_batch_task, task_definition, wait_task
 
 ACCOUNT = "123456789012"
 SECRET = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:vllm-pipeline/s1/hf-token-AbCdEf"
@@ -163,7 +163,7 @@ def staged_default(local_aws):
     from embedded.model_kit import ensure_default_model
     from embedded.stack import DEFAULT_REPO_ID
     from flows.stage import stage
-    from tasks.transfer import TransferSettings
+    from tasks.stage.transfer import TransferSettings
 
     with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
         staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
@@ -201,7 +201,7 @@ def test_local_offline_mode_turns_an_input_into_output_and_errors(staged_default
 def test_entrypoint_batch_mode_fails_clearly(local_aws, bucket, tmp_path, capsys):
     import importlib.util
 
-    from tasks.local_runtime import ENTRYPOINT
+    from tasks.targets.local.runtime import ENTRYPOINT
 
     spec = importlib.util.spec_from_file_location("vllm_entrypoint_batch", ENTRYPOINT)
     entry = importlib.util.module_from_spec(spec)

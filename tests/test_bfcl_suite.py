@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import PipelineInputError
+from tasks.core.errors import PipelineInputError
 from tasks.validation import suite as S
 from tasks.validation.bfcl import expected_calls, load_bfcl_suite, to_schema, to_tool, to_tools
 from tasks.validation.checker import ToolCall, check_calls
@@ -277,7 +277,7 @@ def test_category_override():
 
 @pytest.mark.integration
 def test_reads_from_s3(bucket):
-    from tasks.aws import aws_client
+    from tasks.core.aws import aws_client
 
     s3 = aws_client("s3")
     for path in SAMPLE.rglob("*.json"):

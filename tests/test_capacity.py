@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import pytest
 
+from blocks.catalogue import GpuInstance
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.vllm_server import VllmServerSettings
-from blocks.catalogue import GpuInstance
-from tasks.capacity import (
+from tasks.capacity.choice import by_hardware, plan
+from tasks.capacity.memory import (
     BLOCK_TOKENS,
     GiB,
     accounting_for,
-    by_hardware,
     capture_sizes,
     cuda_visible_gib,
     evaluate,
-    model_shape,
-    plan,
     plan_settings,
-    render_markdown,
-    weight_bytes_from_manifest,
 )
-from tasks.errors import PipelineInputError
-from tasks.s3 import Manifest, ManifestFile
+from tasks.capacity.report import render_markdown
+from tasks.capacity.shape import model_shape, weight_bytes_from_manifest
+from tasks.core.errors import PipelineInputError
+from tasks.core.s3 import Manifest, ManifestFile
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
@@ -476,15 +474,15 @@ def test_markdown_report():
 
 @pytest.mark.integration
 def test_plan_capacity_flow_end_to_end(bucket):
+    import json
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from blocks.model_store import ModelStore
     from flows.plan import artifact_key, plan_capacity
-    from tasks.aws import aws_client
-    from tasks.s3 import model_prefix, write_manifest
-
-    import json
+    from tasks.core.aws import aws_client
+    from tasks.core.s3 import model_prefix, write_manifest
 
     store = ModelStore(bucket_name=bucket)
     store.save(f"{bucket}-store", overwrite=True)

@@ -2,7 +2,7 @@
 
 tests/data/calibration/vllm_startup_logs.yaml holds published start-up logs found in public issues,
 pull requests and repositories: source, model config, checkpoint size, GPU (what CUDA reported), vLLM
-version and settings, and the logged lines. Each is replayed through `tasks.capacity.evaluate` with
+version and settings, and the logged lines. Each is replayed through `tasks.capacity.memory.evaluate` with
 the budget rules of the vLLM version that wrote it (`accounting_for`: before 0.21 the CUDA-graph
 estimate was not part of the budget) and the CUDA memory the log reports. Nothing is tuned per entry.
 
@@ -20,16 +20,16 @@ import yaml
 
 from blocks.catalogue import GpuInstance
 from blocks.vllm_server import VllmServerSettings
-from tasks.capacity import (
+from tasks.capacity.memory import (
     BLOCK_TOKENS,
-    GiB,
     Candidate,
+    GiB,
     accounting_for,
     cuda_visible_gib,
     evaluate,
-    model_shape,
     plan_settings,
 )
+from tasks.capacity.shape import model_shape
 
 DATA = Path(__file__).parent / "data" / "calibration" / "vllm_startup_logs.yaml"
 ENTRIES: list[dict] = yaml.safe_load(DATA.read_text())

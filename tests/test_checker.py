@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.errors import PipelineInputError
+from tasks.core.errors import PipelineInputError
 from tasks.validation import suite as S
 from tasks.validation.checker import ExpectedCall, ToolCall, check_calls, check_semantics, check_structure
 

@@ -1,4 +1,4 @@
-"""prefect.yaml: `prefect deploy --all` works against a Prefect server and creates what the README says."""
+"""prefect.yaml: `prefect deploy --all` works against a Prefect server and creates what docs/blocks-and-deployments.md says."""
 
 from __future__ import annotations
 

@@ -16,21 +16,21 @@ import pytest
 from botocore.exceptions import ClientError
 from prefect import flow
 from pydantic import SecretStr
+from test_capacity import LLAMA_31_8B, LLAMA_31_8B_SHARDS, SMOLLM2_135M, SMOLLM2_BYTES
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from flows.deploy import deploy_to_ecs
 from flows.teardown import teardown
-from tasks import aws as aws_module
-from tasks.aws import Aws, aws_client
-from tasks.ecs_service import DeployTimeout
-from tasks.errors import PipelineInputError
-from tasks.naming import TAG_STACK, resource_name
-from tasks.s3 import Manifest, ManifestFile, write_manifest
-from tasks.state import ModelRef, load_state, save_state
-from tasks.teardown import leftovers, scan
-from test_capacity import LLAMA_31_8B, LLAMA_31_8B_SHARDS, SMOLLM2_135M, SMOLLM2_BYTES
+from tasks.core import aws as aws_module
+from tasks.core.aws import Aws, aws_client
+from tasks.core.errors import PipelineInputError
+from tasks.core.naming import TAG_STACK, resource_name
+from tasks.core.s3 import Manifest, ManifestFile, write_manifest
+from tasks.core.state import ModelRef, load_state, save_state
+from tasks.targets.ecs.service import DeployTimeout
+from tasks.teardown.sweep import leftovers, scan
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -407,7 +407,7 @@ def test_status_and_teardown_use_the_plans_price():
 
     from flows.operations import describe
     from flows.teardown import _lifetime
-    from tasks.state import StackState, price_per_hour
+    from tasks.core.state import StackState, price_per_hour
 
     two_hours_ago = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
     state = StackState(stack="priced", target="ecs", created_at=two_hours_ago, updated_at=two_hours_ago,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def test_moto_server_reached_through_endpoint_variable_only(monkeypatch):
     from embedded.local_aws import local_aws
-    from tasks.aws import aws_client
+    from tasks.core.aws import aws_client
 
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)

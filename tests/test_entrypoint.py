@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from embedded.model_kit import REPO_ROOT, vllm_python
-from tasks.aws import aws_client
-from tasks.s3 import Manifest, ManifestFile, utc_now, write_manifest
+from tasks.core.aws import aws_client
+from tasks.core.s3 import Manifest, ManifestFile, utc_now, write_manifest
 
 pytestmark = pytest.mark.integration
 ENTRYPOINT = REPO_ROOT / "images" / "vllm" / "entrypoint.py"

@@ -14,13 +14,13 @@ tests/test_local_target_e2e.py (strict_stack passes the gate, loose_stack fails 
 from __future__ import annotations
 
 import pytest
+from test_local_target_e2e import _deploy, _teardown, staged_default  # noqa: F401 - module fixture
 
 from blocks.vllm_server import VllmServerSettings
 from flows.validate import validate
-from tasks.endpoint import Endpoint
-from tasks.secrets import read_secret
+from tasks.core.endpoint import Endpoint
+from tasks.core.secrets import read_secret
 from tasks.validation.suite import gate_failures, load_gate, load_suite, run_suite
-from test_local_target_e2e import _deploy, _teardown, staged_default  # noqa: F401 - module fixture
 
 # Four vLLM servers and two full validations: ~12 minutes on 2 cores, so outside the default run
 # (`.venv/bin/python -m pytest -m slow tests/test_gate_numerics_e2e.py`).

@@ -11,22 +11,22 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chaos_proxy import ChaosProxy
 from prefect import flow
 from pydantic import ValidationError
+from test_capacity import SMOLLM2_135M, SMOLLM2_BYTES
+from test_ecs_target import run_deploy, stage_fake
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from chaos_proxy import ChaosProxy
 from embedded.local_aws import patched_env
-from tasks.aws import Aws, aws_client
-from tasks.endpoint import Endpoint, EndpointError
-from tasks.errors import PipelineInputError
-from tasks.state import StateConflict, load_state
-from tasks.teardown import leftovers
-from test_ecs_target import run_deploy, stage_fake
-from test_capacity import SMOLLM2_135M, SMOLLM2_BYTES
+from tasks.core.aws import Aws, aws_client
+from tasks.core.endpoint import Endpoint, EndpointError
+from tasks.core.errors import PipelineInputError
+from tasks.core.state import StateConflict, load_state
+from tasks.teardown.sweep import leftovers
 
 # ------------------------------------------------------------------------------ endpoint retries (unit)
 
@@ -81,7 +81,7 @@ def test_stage_deploy_and_teardown_under_aws_and_hub_faults(local_aws, bucket, h
     still copies every byte, the ECS deploy still gets to its wait (and rolls back), teardown still
     leaves nothing."""
     from flows.stage import stage
-    from tasks.transfer import TransferSettings
+    from tasks.stage.transfer import TransferSettings
 
     store = ModelStore(bucket_name=bucket)
     hub.inject("drop_mid_file", "model-00001-of-00002.safetensors")
@@ -226,7 +226,7 @@ def test_hostile_block_fields_are_refused_naming_the_field(block, fields):
 @pytest.mark.integration
 def test_non_utf8_jsonl_lines_become_error_records(bucket):
     """A batch input with bytes that are not UTF-8 loses no line: each bad one is an error record."""
-    from tasks.batch import parse_line
+    from tasks.batch.online import parse_line
 
     seen: dict[str, int] = {}
     bad = parse_line(1, b'{"custom_id": "x\xff\xfe", "method": "POST"}', seen)
@@ -241,7 +241,6 @@ def test_no_flow_takes_a_raw_secret_as_a_parameter():
     import importlib
 
     import yaml
-
     from conftest import REPO
 
     suspicious = ("token", "password", "secret_key", "api_key", "access_key")

@@ -8,7 +8,7 @@
   proxy that fails 10 % of vLLM requests (429/503/resets): same verdicts, same outputs;
 - load: the batch runner at concurrency 8, 64 and 256 on 256 requests: no client errors and the
   flow process's memory stays flat.
-The figures it prints are the README's."""
+The figures it prints are docs/hardening.md's."""
 
 from __future__ import annotations
 
@@ -19,20 +19,20 @@ import time
 from pathlib import Path
 
 import pytest
+from chaos_proxy import ChaosProxy
 from prefect_aws import AwsCredentials
+from test_ecs_target import IMAGE
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from chaos_proxy import ChaosProxy
 from embedded.hub_server import HubRepo, LocalHub
 from embedded.local_aws import patched_env
 from embedded.model_kit import cache_root, ensure_default_model
 from embedded.stack import DEFAULT_REPO_ID
-from tasks.aws import Aws, aws_client
-from tasks.teardown import leftovers
-from test_ecs_target import IMAGE
+from tasks.core.aws import Aws, aws_client
+from tasks.teardown.sweep import leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -82,15 +82,14 @@ def scan_for_secrets(where: str, text: str) -> list[str]:
 
 
 def test_hostile_run(local_aws, capfd):
-    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from flows.batch import batch_inference
     from flows.deploy import deploy_model
     from flows.pipeline import pipeline
     from flows.teardown import teardown_stack
     from flows.validate import validate
-    from tasks.state import load_state
+    from tasks.core.state import load_state
 
     bucket = "hostile-" + str(int(time.time()))
     aws_client("s3").create_bucket(Bucket=bucket)

@@ -26,7 +26,7 @@ from prefect.variables import Variable
 from pydantic import SecretStr, ValidationError
 
 from blocks.image_build import ImageBuildSettings
-from tasks.errors import PipelineInputError
+from tasks.core.errors import PipelineInputError
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/test-base:1"
@@ -149,7 +149,7 @@ def _settings(registry: LocalRegistry, buildah_root: Path, context: Path, **kw) 
 @pytest.fixture()
 def builder_calls(monkeypatch) -> list[list[str]]:
     """Every builder command the tasks run (buildah/docker argv), recorded and then run for real."""
-    import tasks.images as images
+    import tasks.build.images as images
 
     calls: list[list[str]] = []
     real = images.run_command
@@ -178,7 +178,7 @@ def _subcommands(calls: list[list[str]]) -> list[str]:
 
 @pytest.mark.parametrize("name", ["vllm", "runtime"])
 def test_project_dockerfiles_pass_the_production_checks(name):
-    from tasks.dockerfile import base_images, lint_dockerfile, parse_dockerfile, stages
+    from tasks.build.dockerfile import base_images, lint_dockerfile, parse_dockerfile, stages
 
     text = (REPO / "images" / name / "Dockerfile").read_text()
     assert lint_dockerfile(text, require_healthcheck=(name == "vllm")) == []
@@ -219,14 +219,14 @@ def test_project_dockerfiles_pass_the_production_checks(name):
     ],
 )
 def test_dockerfile_lint_catches_what_bites(dockerfile, problem):
-    from tasks.dockerfile import lint_dockerfile
+    from tasks.build.dockerfile import lint_dockerfile
 
     problems = lint_dockerfile(dockerfile, require_healthcheck=True)
     assert any(problem in p for p in problems), problems
 
 
 def test_dockerfile_parser_handles_continuations_stages_and_copy_flags():
-    from tasks.dockerfile import base_images, copy_sources, lint_dockerfile, parse_dockerfile
+    from tasks.build.dockerfile import base_images, copy_sources, lint_dockerfile, parse_dockerfile
 
     text = """\
 # syntax=docker/dockerfile:1
@@ -255,7 +255,7 @@ ENTRYPOINT ["python"]
 
 
 def test_context_hash_covers_exactly_what_the_build_reads(tmp_path):
-    from tasks.images import context_zip, resolve_context
+    from tasks.build.images import context_zip, resolve_context
 
     root = _context(tmp_path, HELLO, {"images/hello/app.txt": "v1", "shared/lib.txt": "lib", "unrelated.txt": "x",
                                       "shared/__pycache__/m.cpython-311.pyc": "junk"})
@@ -284,12 +284,12 @@ def test_context_hash_covers_exactly_what_the_build_reads(tmp_path):
 
 
 def test_project_contexts_resolve():
-    from tasks.images import resolve_context
+    from tasks.build.images import resolve_context
 
     vllm = resolve_context(REPO, "vllm")
     assert "images/vllm/entrypoint.py" in vllm.files and "images/vllm/Dockerfile" in vllm.files
     runtime = resolve_context(REPO, "runtime")
-    assert {"pyproject.toml", "constraints.txt", "flows/build.py", "tasks/images.py", "blocks/image_build.py"} <= set(runtime.files)
+    assert {"pyproject.toml", "constraints.txt", "flows/build.py", "tasks/build/images.py", "blocks/image_build.py"} <= set(runtime.files)
     assert not [f for f in runtime.files if "__pycache__" in f or f.endswith(".pyc") or ".venv" in f]
     assert vllm.sha256 != runtime.sha256
 
@@ -323,7 +323,7 @@ def test_image_build_settings_validation():
 
 
 def test_no_builder_available_is_a_clear_error(monkeypatch):
-    import tasks.images as images
+    import tasks.build.images as images
 
     monkeypatch.setattr(images.shutil, "which", lambda name: None)
     with pytest.raises(PipelineInputError, match=r"no image builder available \(docker: .*not installed; buildah: .*not installed.*codebuild"):
@@ -331,7 +331,7 @@ def test_no_builder_available_is_a_clear_error(monkeypatch):
 
 
 def test_docker_builder_without_an_engine_says_so():
-    import tasks.images as images
+    import tasks.build.images as images
 
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0:
         pytest.skip("needs a docker CLI without a reachable engine (the case on these machines)")
@@ -352,7 +352,7 @@ def _run_flow(settings: ImageBuildSettings, block_name: str, **params):
 @pytest.mark.integration
 def test_buildah_builds_pushes_reads_back_then_skips(tmp_path, registry, buildah_root, base_image, builder_calls):
     from flows.build import image_variable
-    from tasks.images import CONTEXT_LABEL, resolve_context
+    from tasks.build.images import CONTEXT_LABEL, resolve_context
 
     context = _context(tmp_path, HELLO, {"images/hello/app.txt": "hello", "shared/lib.txt": "lib",
                                          "shared/__pycache__/lib.cpython-311.pyc": "junk", "unrelated.txt": "not copied"})
@@ -408,7 +408,7 @@ def test_buildah_builds_pushes_reads_back_then_skips(tmp_path, registry, buildah
 
 @pytest.mark.integration
 def test_wrong_registry_password_is_login_refused(tmp_path, registry, buildah_root, base_image, builder_calls):
-    from tasks.images import Buildah, RegistryLogin
+    from tasks.build.images import Buildah, RegistryLogin
 
     context = _context(tmp_path, HELLO, {"images/hello/app.txt": "pw", "shared/lib.txt": "pw"})
     bad = _settings(registry, buildah_root, context, registry_password=SecretStr("not-the-password"))
@@ -456,8 +456,8 @@ def _manifest(seed: str) -> str:
 
 @pytest.mark.integration
 def test_ecr_repository_is_created_once_with_scan_immutable_lifecycle_and_tags(local_aws):
-    from tasks.aws import aws_client
-    from tasks.ecr import MANAGED_BY_KEY, ensure_repository_sync
+    from tasks.build.ecr import MANAGED_BY_KEY, ensure_repository_sync
+    from tasks.core.aws import aws_client
 
     ecr = aws_client("ecr")
     first = ensure_repository_sync(ecr, "vllm-pipeline/t-ecr", keep_last=5)
@@ -488,8 +488,8 @@ def test_ecr_repository_is_created_once_with_scan_immutable_lifecycle_and_tags(l
 
 @pytest.mark.integration
 def test_ecr_login_token_is_decoded(local_aws):
-    from tasks.aws import aws_client
-    from tasks.ecr import ecr_login_sync
+    from tasks.build.ecr import ecr_login_sync
+    from tasks.core.aws import aws_client
 
     login = ecr_login_sync(aws_client("ecr"))
     assert login.username == "AWS"
@@ -500,9 +500,9 @@ def test_ecr_login_token_is_decoded(local_aws):
 
 @pytest.mark.integration
 def test_ecr_tag_lookup_and_the_flow_skips_a_tag_ecr_has(local_aws, tmp_path, builder_calls):
-    from tasks.aws import aws_client
-    from tasks.ecr import ensure_repository_sync, find_ecr_image_sync
-    from tasks.images import resolve_context
+    from tasks.build.ecr import ensure_repository_sync, find_ecr_image_sync
+    from tasks.build.images import resolve_context
+    from tasks.core.aws import aws_client
 
     ecr = aws_client("ecr")
     ensure_repository_sync(ecr, "test/ecr-hello", keep_last=3)
@@ -528,9 +528,9 @@ def test_ecr_tag_lookup_and_the_flow_skips_a_tag_ecr_has(local_aws, tmp_path, bu
 
 @pytest.mark.integration
 def test_codebuild_uploads_context_starts_build_and_waits(local_aws, bucket, tmp_path):
-    from tasks.aws import aws_client
-    from tasks.codebuild import codebuild_image, context_key
-    from tasks.images import Target, context_zip, resolve_context
+    from tasks.build.codebuild import codebuild_image, context_key
+    from tasks.build.images import Target, context_zip, resolve_context
+    from tasks.core.aws import aws_client
 
     context = _context(tmp_path, HELLO, {"images/hello/app.txt": "cb", "shared/lib.txt": "cb"})
     settings = ImageBuildSettings(
@@ -568,8 +568,8 @@ def test_codebuild_uploads_context_starts_build_and_waits(local_aws, bucket, tmp
 
 @pytest.mark.integration
 def test_codebuild_log_lines_stream_incrementally(local_aws):
-    from tasks.aws import aws_client
-    from tasks.codebuild import log_lines
+    from tasks.build.codebuild import log_lines
+    from tasks.core.aws import aws_client
 
     logs = aws_client("logs")
     logs.create_log_group(logGroupName="/aws/codebuild/t-stream")
@@ -589,8 +589,8 @@ def test_codebuild_log_lines_stream_incrementally(local_aws):
 def test_codebuild_failure_reading_and_buildspec():
     import yaml
 
-    from tasks.codebuild import buildspec, failure_message
-    from tasks.images import BuildContext, RunResult, Target, build_failure
+    from tasks.build.codebuild import buildspec, failure_message
+    from tasks.build.images import BuildContext, RunResult, Target, build_failure
 
     build = {"buildStatus": "FAILED", "phases": [
         {"phaseType": "PRE_BUILD", "phaseStatus": "SUCCEEDED"},

@@ -13,12 +13,12 @@ from blocks.vllm_server import VllmServerSettings
 from flows.deploy import deploy
 from flows.teardown import teardown
 from flows.validate import ValidationFailed, validate, validate_endpoint
-from tasks.endpoint import Endpoint
-from tasks.local_runtime import is_our_server
-from tasks.secrets import read_secret
-from tasks.state import ModelRef, load_state
-from tasks.aws import Aws
-from tasks.teardown import leftovers
+from tasks.core.aws import Aws
+from tasks.core.endpoint import Endpoint
+from tasks.core.secrets import read_secret
+from tasks.core.state import ModelRef, load_state
+from tasks.targets.local.runtime import is_our_server
+from tasks.teardown.sweep import leftovers
 from tasks.validation.suite import load_gate, load_suite, run_case
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def staged_default(local_aws):
     from embedded.model_kit import ensure_default_model
     from embedded.stack import DEFAULT_REPO_ID
     from flows.stage import stage
-    from tasks.transfer import TransferSettings
+    from tasks.stage.transfer import TransferSettings
 
     with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
         staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
@@ -156,7 +156,7 @@ def test_teardown_leaves_nothing_and_runs_twice(loose_stack):
 
 
 def test_server_dying_at_start_up_is_a_clear_error_quoting_its_log(staged_default):
-    from tasks.local_runtime import ServerStartError
+    from tasks.targets.local.runtime import ServerStartError
 
     with pytest.raises(ServerStartError, match=r"(?s)exited during start-up; last log lines:.*no-such-vllm-flag"):
         _deploy("e2e-broken", staged_default, VllmServerSettings(enforce_eager=True, extra_args=["--no-such-vllm-flag"]))

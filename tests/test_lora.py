@@ -16,13 +16,13 @@ from embedded.hub_server import HubRepo
 from embedded.tiny_model import TINY_CONFIG
 from flows.deploy import deploy_model
 from flows.stage import stage_all
-from tasks.aws import aws_client
-from tasks.errors import PipelineInputError
-from tasks.lora import adapter_problems, check_adapters, find_staged_adapters
-from tasks.models import find_staged_model
-from tasks.s3 import read_manifest, split_s3
-from tasks.state import load_state
-from tasks.transfer import TransferSettings
+from tasks.core.aws import aws_client
+from tasks.core.errors import PipelineInputError
+from tasks.core.s3 import read_manifest, split_s3
+from tasks.core.state import load_state
+from tasks.stage.lora import adapter_problems, check_adapters, find_staged_adapters
+from tasks.stage.models import find_staged_model
+from tasks.stage.transfer import TransferSettings
 
 pytestmark = pytest.mark.integration
 TINY_SHAPES = {"q_proj": (64, 64), "up_proj": (128, 64)}  # the tiny model's two weight kinds
@@ -182,7 +182,7 @@ def test_unfit_adapters_are_refused_before_anything_is_created(bucket, hub, tmp_
 def test_update_adapters_refuses_a_stack_without_an_endpoint(bucket, hub):
     """No state record, or a record left by a deploy that never got an endpoint: one clear line, nothing staged."""
     from flows.adapters import update_adapters
-    from tasks.state import StackState, save_state
+    from tasks.core.state import StackState, save_state
 
     store = ModelStore(bucket_name=bucket)
     name = f"t-{bucket[-6:]}-store"

@@ -21,11 +21,11 @@ from flows.deploy import deploy_model
 from flows.stage import stage_model
 from flows.teardown import teardown_stack
 from flows.validate import validate
-from tasks.aws import Aws, aws_client
-from tasks.errors import PipelineInputError
-from tasks.secrets import read_secret
-from tasks.state import load_state
-from tasks.teardown import leftovers
+from tasks.core.aws import Aws, aws_client
+from tasks.core.errors import PipelineInputError
+from tasks.core.secrets import read_secret
+from tasks.core.state import load_state
+from tasks.teardown.sweep import leftovers
 
 pytestmark = pytest.mark.e2e
 STACK = "e2e-lora"

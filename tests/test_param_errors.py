@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect import Flow
-
-from tasks.errors import InputCheckedFlow, PipelineInputError
 from test_hardening import s3_snapshot
+
+from tasks.core.errors import InputCheckedFlow, PipelineInputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,7 +104,7 @@ def test_every_flow_turns_its_parameter_errors_into_one_line():
     assert {"stage-model", "plan-capacity", "build-images", "deploy-model", "validate", "update-adapters",
             "batch-inference", "teardown", "pipeline", "status", "reap"} <= set(flows)
     plain = sorted(n for n, fl in flows.items() if not isinstance(fl, InputCheckedFlow))
-    assert not plain, f"flows made with prefect's @flow instead of tasks.errors.flow: {plain}"
+    assert not plain, f"flows made with prefect's @flow instead of tasks.core.errors.flow: {plain}"
     covered = {c.values[0] for c in CASES}
     assert set(flows) - covered == {"status"}  # status takes only a block name
 
@@ -137,7 +137,7 @@ def test_a_deployment_run_validates_the_same_way():
 def test_one_line_quotes_plain_values_but_no_secret_and_no_validator_input():
     from pydantic import BaseModel, Field, ValidationError, field_validator
 
-    from tasks.errors import one_line
+    from tasks.core.errors import one_line
 
     class Settings(BaseModel):
         replicas: int = Field(default=1, ge=1)

@@ -34,7 +34,7 @@ def test_demo_runs_the_pipeline_and_leaves_nothing_running():
     before = set(_vllm_servers())
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env.pop("AWS_ENDPOINT_URL", None)
-    out = subprocess.run([sys.executable, "-m", "flows.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    out = subprocess.run([sys.executable, "-m", "embedded.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     text = out.stdout
     assert "validated PASSED" in text

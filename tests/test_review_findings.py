@@ -14,11 +14,13 @@ from blocks.catalogue import gpu_instances
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
-from tasks import ecs_batch, ecs_service, gpu_hosts
-from tasks.aws import Aws, aws_client
-from tasks.naming import resource_name
-from tasks.secrets import ensure_secret
-from tasks.state import Endpoint, StackState, save_state
+from tasks.core.aws import Aws, aws_client
+from tasks.core.naming import resource_name
+from tasks.core.secrets import ensure_secret
+from tasks.core.state import Endpoint, StackState, save_state
+from tasks.targets.ecs import batch_job as ecs_batch
+from tasks.targets.ecs import gpu_hosts
+from tasks.targets.ecs import service as ecs_service
 
 pytestmark = pytest.mark.integration
 REGION = "us-east-1"
@@ -99,7 +101,7 @@ def test_validate_reads_api_key_with_block_credentials(block_only_credentials, m
 def test_update_adapters_reads_api_key_with_block_credentials(block_only_credentials, monkeypatch):
     import flows.adapters as adapters_mod
     from blocks.model_source import ModelSource
-    from tasks.state import ModelRef
+    from tasks.core.state import ModelRef
 
     store, arn = block_only_credentials
     ref = ModelRef(repo_id="a/b", sha="0" * 40, s3_uri=f"s3://{store.bucket_name}/m")
@@ -117,7 +119,7 @@ def test_update_adapters_reads_api_key_with_block_credentials(block_only_credent
 
 
 def test_local_target_reads_api_key_with_given_credentials(block_only_credentials, monkeypatch):
-    import tasks.local_target as lt
+    import tasks.targets.local.server as lt
 
     store, arn = block_only_credentials
     seen = {}
@@ -127,7 +129,7 @@ def test_local_target_reads_api_key_with_given_credentials(block_only_credential
         return 1, "http://127.0.0.1:1", "/tmp/log"
 
     monkeypatch.setattr(lt, "start_server", fake_start)
-    from tasks.state import ModelRef
+    from tasks.core.state import ModelRef
 
     model = ModelRef(repo_id="a/b", sha="0" * 40, s3_uri=f"s3://{store.bucket_name}/m")
     flow(name="t-local")(lt.start_local_server.fn)("blockcreds", VllmServerSettings(served_model_name="m"), model, arn,
@@ -211,14 +213,14 @@ class _FakeAws:
 
 @pytest.mark.parametrize("code", ["ThrottlingException", "AccessDeniedException"])
 def test_service_task_definition_propagates_other_errors(code):
-    from tasks.ecs_target import _service_task_definition
+    from tasks.targets.ecs.deploy import _service_task_definition
 
     with pytest.raises(ClientError, match=code):
         _service_task_definition(_FakeAws(_client_error(code)), "c", "s")
 
 
 def test_service_task_definition_none_when_no_cluster(local_aws):
-    from tasks.ecs_target import _service_task_definition
+    from tasks.targets.ecs.deploy import _service_task_definition
 
     assert _service_task_definition(Aws(region=REGION), "no-such-cluster-xyz", "s") is None
 
@@ -228,7 +230,7 @@ def test_service_task_definition_none_when_no_cluster(local_aws):
 
 def test_deploy_lock_outlasts_the_deploy_timeout():
     from flows.deploy import _refuse_if_busy, lock
-    from tasks.errors import PipelineInputError
+    from tasks.core.errors import PipelineInputError
 
     state = StackState(stack="locked", target="ecs")
     lock(state, ready_timeout_s=1800)
@@ -247,7 +249,7 @@ def test_deploy_lock_outlasts_the_deploy_timeout():
 def test_deploy_to_ecs_records_a_lock_covering_its_timeout(local_aws, bucket, monkeypatch):
     """What deploy_to_ecs writes before its first resource holds the lock for at least ready_timeout_s."""
     import flows.deploy as deploy_mod
-    from tasks.state import load_state
+    from tasks.core.state import load_state
 
     seen = {}
 

@@ -8,10 +8,10 @@ from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
 from embedded.hub_server import HubRepo
 from flows.stage import stage_model
-from tasks.aws import aws_client
-from tasks.errors import PipelineInputError
-from tasks.s3 import read_manifest
-from tasks.transfer import TransferSettings
+from tasks.core.aws import aws_client
+from tasks.core.errors import PipelineInputError
+from tasks.core.s3 import read_manifest
+from tasks.stage.transfer import TransferSettings
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def test_killed_run_resumes_without_resending_parts(hub, bucket, tiny_model):
 
 def _count_s3_calls(monkeypatch, *operations: str) -> dict[str, int]:
     """Count the stage tasks' S3 calls of these operations (every client they make)."""
-    import tasks.staging
+    import tasks.stage.staging
 
     counts = dict.fromkeys(operations, 0)
 
@@ -116,7 +116,7 @@ def _count_s3_calls(monkeypatch, *operations: str) -> dict[str, int]:
             s3.meta.events.register(f"before-call.s3.{op}", lambda op=op, **_: counts.__setitem__(op, counts[op] + 1))
         return s3
 
-    monkeypatch.setattr(tasks.staging, "s3_client", counting_client)
+    monkeypatch.setattr(tasks.stage.staging, "s3_client", counting_client)
     return counts
 
 
@@ -141,7 +141,7 @@ def test_a_retried_file_resumes_the_upload_its_first_try_began(hub, bucket, tiny
 def test_upload_left_without_a_checksum_is_finished_as_begun(hub, bucket, tiny_model):
     # An upload begun without a checksum algorithm (as an earlier version of the stage flow did)
     # is completed without part checksums, and its finished parts are not sent again.
-    from tasks.s3 import model_prefix
+    from tasks.core.s3 import model_prefix
 
     part = 5 * 1024 * 1024
     data = (tiny_model / BIG).read_bytes()
@@ -164,8 +164,8 @@ def test_a_file_alone_gets_every_worker_of_the_shared_part_pool(hub, bucket):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.hub import file_url, resolve_revision
-    from tasks.transfer import PrefixScan, http_pool, stream_file
+    from tasks.stage.hub import file_url, resolve_revision
+    from tasks.stage.transfer import PrefixScan, http_pool, stream_file
 
     settings = TransferSettings(part_size_mib=5, files_in_flight=2, parts_in_flight=2)
 
@@ -252,7 +252,7 @@ def test_flow_parameters_are_validated_first(hub, local_aws):
 
 
 def test_default_patterns_skip_legacy_weights():
-    from tasks.hub import select_files
+    from tasks.stage.hub import select_files
 
     paths = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.pth", "tokenizer.json", "README.md"]
     source = ModelSource()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.endpoint import Reply
+from tasks.core.endpoint import Reply
 from tasks.validation.suite import Suite, gate_failures, load_gate, load_suite, run_case
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_artifacts import html_tables, markdown_problems, rendered_tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +79,7 @@ def demo_artifacts():
 
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env.pop("AWS_ENDPOINT_URL", None)
-        out = subprocess.run([sys.executable, "-m", "flows.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+        out = subprocess.run([sys.executable, "-m", "embedded.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
         found = _latest(DEMO_KEYS)
     assert set(found) == set(DEMO_KEYS)

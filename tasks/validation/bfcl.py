@@ -27,7 +27,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.errors import PipelineInputError
+from tasks.core.errors import PipelineInputError
 from tasks.validation.checker import ExpectedCall
 
 HERE = Path(__file__).resolve().parent
@@ -218,7 +218,7 @@ def expected_calls(ground_truth: Any, functions: list[dict]) -> list[ExpectedCal
 
 def _read(uri: str, s3: Callable[[], Any] | None, what: str) -> str:
     if uri.startswith("s3://"):
-        from tasks.s3 import split_s3
+        from tasks.core.s3 import split_s3
 
         bucket, key = split_s3(uri)
         if s3 is None:
@@ -264,7 +264,7 @@ def _lines(uri: str, s3, what: str, limit: int | None = None):
 def _list_folder(folder: str, s3) -> list[str]:
     folder = folder.rstrip("/")
     if folder.startswith("s3://"):
-        from tasks.s3 import split_s3
+        from tasks.core.s3 import split_s3
 
         bucket, prefix = split_s3(folder + "/")
         if s3 is None:

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, PositiveFloat
 
-from tasks.endpoint import Endpoint, EndpointError, Reply
+from tasks.core.endpoint import Endpoint, EndpointError, Reply
 from tasks.validation.suite import CaseResult, Gate, Suite, run_suite
 
 _TASK = dict(cache_policy=NO_CACHE)

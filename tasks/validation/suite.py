@@ -11,8 +11,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.endpoint import Endpoint, EndpointError, Reply
-from tasks.errors import PipelineInputError
+from tasks.core.endpoint import Endpoint, EndpointError, Reply
+from tasks.core.errors import PipelineInputError
 from tasks.validation.checker import ExpectedCall, Level, ToolCall, check_calls, check_structure
 
 HERE = Path(__file__).resolve().parent

@@ -1,0 +1,167 @@
+"""The `ecs` target: deploy vLLM as an ECS service on GPU capacity, and roll back on failure.
+
+Each step is a retryable get-or-create task; what it creates is written to the stack's state record
+at once (conditional writes), so a run that dies anywhere leaves a record teardown can follow, and
+the tag scan finds what even the record missed. Rollback is driven by the record, not by in-process
+hooks: when a step fails, the deploy flow calls tasks.teardown.rollback, which deletes what this run
+created in dependency order (for a new stack: everything the stack has), and the error the user sees is
+the one that caused it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
+
+from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.model_store import ModelStore
+from blocks.vllm_server import VllmServerSettings
+from tasks.core.aws import Aws, unless_gone
+from tasks.core.errors import PipelineInputError, retry_if_transient
+from tasks.core.naming import log_group_name, resource_name
+from tasks.core.secrets import ensure_secret, read_secret
+from tasks.core.state import Endpoint, ModelRef, Resource, StackState, save_state
+from tasks.targets.ecs import gpu_hosts, iam, network
+from tasks.targets.ecs import service as svc
+
+_RETRY = dict(retries=4, retry_delay_seconds=[2, 5, 15, 45], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+
+
+def step(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` as a Prefect task named `name`: retried on throttling/5xx/capacity errors only."""
+    return task(fn, name=name, **_RETRY)(*args, **kwargs)
+
+
+class Recorder:
+    """Writes each created resource to the state record the moment it exists."""
+
+    def __init__(self, store: ModelStore, state: StackState, etag: str | None, region: str):
+        self.store, self.state, self.etag, self.region = store, state, etag, region
+        self.created: list[Resource] = []
+
+    def keep(self, kind: str, rid: str, created: bool) -> str:
+        if created:
+            self.created.append(Resource(kind=kind, id=rid, region=self.region))
+        if not any(r.kind == kind and r.id == rid for r in self.state.resources):
+            self.state.add_resource(kind, rid, self.region)
+            self.save()
+        return rid
+
+    def save(self) -> None:
+        self.etag = save_state(self.store, self.state, self.etag)
+
+
+def adapter_read_uris(adapters: dict[str, ModelRef] | None, adapter_index_uri: str | None) -> list[str]:
+    """What the task role reads besides the model: each adapter's folder and the adapter index's folder."""
+    uris = [r.s3_uri for r in (adapters or {}).values()]
+    return uris + ([adapter_index_uri.rsplit("/", 1)[0]] if adapter_index_uri else [])
+
+
+def deploy_ecs(
+    stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef,
+    image_uri: str, instance_type: str, rec: Recorder, hf_token: SecretStr | None = None, ready_timeout_s: float = 1800,
+    poll_s: float = 15, adapters: dict[str, ModelRef] | None = None, adapter_index_uri: str | None = None,
+) -> Endpoint:
+    """Every resource, in order; returns the endpoint once `/v1/models` answers through the load balancer."""
+    logger = get_run_logger()
+    aws = Aws(store.credentials, capacity.region)
+    partition, account = aws.partition(), aws.account()
+
+    net = step("resolve-network", network.resolve_network, aws, capacity)
+    step("ecs-service-linked-role", iam.ensure_service_linked_role, aws, "ecs.amazonaws.com")
+    alb_sg = rec.keep("security-group", *step("security-group-alb", network.ensure_security_group, aws, stack, "alb",
+                                                net.vpc_id, f"vllm-pipeline {stack}: load balancer"))
+    lb_port = 443 if capacity.certificate_arn else 80
+    step("ingress-alb", network.ensure_ingress, aws, alb_sg, lb_port, cidrs=capacity.ingress_cidrs or [net.cidr])
+
+    api_key_arn = _keep_secret(rec, aws, stack, "api-key", settings.api_key)
+    secrets = {"VLLM_API_KEY": api_key_arn}
+    if hf_token is not None:
+        secrets["HF_TOKEN"] = _keep_secret(rec, aws, stack, "hf-token", hf_token)
+
+    log_arn, made = step("log-group", svc.ensure_log_group, aws, stack, capacity.log_retention_days)
+    rec.keep("log-group", log_group_name(stack), made)
+
+    exec_arn, made = step("role-execution", iam.ensure_role, aws, stack, "execution", "ecs-tasks.amazonaws.com",
+                          iam.execution_policy(image_uri, log_arn, list(secrets.values()), partition))
+    rec.keep("iam-role", resource_name(stack, "execution"), made)
+    task_arn, made = step("role-task", iam.ensure_role, aws, stack, "task", "ecs-tasks.amazonaws.com",
+                          iam.task_policy(model.s3_uri, partition, adapter_read_uris(adapters, adapter_index_uri)))
+    rec.keep("iam-role", resource_name(stack, "task"), made)
+
+    asg_name = provider = None
+    if capacity.cluster:
+        cluster = capacity.cluster
+        found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"]
+        if not found or found[0]["status"] != "ACTIVE":
+            raise PipelineInputError(f"EcsGpuCapacity.cluster {cluster!r} does not exist in {capacity.region}")
+        logger.warning("existing cluster %r: its GPU hosts' security group must admit %s on port %d", cluster, alb_sg,
+                       capacity.container_port)
+    else:
+        cluster_arn, made = step("cluster", gpu_hosts.ensure_cluster, aws, stack)
+        cluster = rec.keep("cluster", resource_name(stack, "cluster"), made)
+        host_sg = rec.keep("security-group", *step("security-group-host", network.ensure_security_group, aws, stack,
+                                                     "host", net.vpc_id, f"vllm-pipeline {stack}: GPU hosts"))
+        step("ingress-host", network.ensure_ingress, aws, host_sg, capacity.container_port, source_group=alb_sg)
+        _, made = step("role-instance", iam.ensure_role, aws, stack, "instance", "ec2.amazonaws.com",
+                       iam.instance_policy(cluster_arn, partition, capacity.region, account))
+        rec.keep("iam-role", resource_name(stack, "instance"), made)
+        profile_arn, made = step("instance-profile", iam.ensure_instance_profile, aws, stack, resource_name(stack, "instance"))
+        rec.keep("instance-profile", resource_name(stack, "instance"), made)
+        ami = step("gpu-ami", gpu_hosts.gpu_ami, aws, capacity.ami_parameter)
+        data = gpu_hosts.launch_template_data(capacity, ami, cluster, profile_arn, host_sg, instance_type, stack)
+        lt_id = rec.keep("launch-template", *step("launch-template", gpu_hosts.ensure_launch_template, aws, stack, data))
+        asg_arn, made = step("auto-scaling-group", gpu_hosts.ensure_auto_scaling_group, aws, stack, capacity, lt_id,
+                             net.subnets, instance_type)
+        asg_name = rec.keep("asg", resource_name(stack, "hosts"), made)
+        _, made = step("capacity-provider", gpu_hosts.ensure_capacity_provider, aws, stack, asg_arn, cluster)
+        provider = rec.keep("capacity-provider", resource_name(stack, "gpu"), made)
+
+    definition = svc.task_definition(stack, settings, capacity, instance_type, image_uri, model.s3_uri, exec_arn,
+                                     task_arn, secrets, {n: r.s3_uri for n, r in (adapters or {}).items()}, adapter_index_uri)
+    td_arn, made = step("task-definition", svc.register_task_definition, aws, definition)
+    rec.keep("task-definition", definition["family"], made)
+    if made:
+        rec.created.append(Resource(kind="task-definition-revision", id=td_arn, region=capacity.region))
+
+    lb, made = step("load-balancer", svc.ensure_load_balancer, aws, stack, capacity, net.subnets, alb_sg)
+    rec.keep("load-balancer", lb["LoadBalancerArn"], made)
+    tg_arn = rec.keep("target-group", *step("target-group", svc.ensure_target_group, aws, stack, capacity, net.vpc_id))
+    rec.keep("listener", *step("listener", svc.ensure_listener, aws, stack, capacity, lb["LoadBalancerArn"], tg_arn))
+
+    before = step("service-before", _service_task_definition, aws, cluster, stack)
+    svc_arn, made = step("service", svc.ensure_service, aws, stack, cluster, td_arn, capacity, tg_arn, provider)
+    rec.keep("service", f"{cluster}/{resource_name(stack, 'service')}", made)
+    if before and before != td_arn:
+        rec.created.append(Resource(kind="service-revision", id=before, region=capacity.region))
+
+    scheme = "https" if capacity.certificate_arn else "http"
+    url = f"{scheme}://{lb['DNSName']}"
+    rec.state.endpoint = Endpoint(url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_arn)
+    rec.save()
+    logger.info("stack %r: waiting up to %.0fs for the service, its targets and %s/v1/models", stack, ready_timeout_s, url)
+    api_key = read_secret(api_key_arn, store.credentials, capacity.region).get_secret_value()
+    task(svc.wait_until_ready, name="wait-until-ready", cache_policy=NO_CACHE)(
+        aws, stack, cluster, resource_name(stack, "service"), tg_arn, url, api_key, settings.served_model_name, asg_name,
+        ready_timeout_s, lambda line: logger.info("stack %r: %s", stack, line), poll_s)
+    return rec.state.endpoint
+
+
+def _keep_secret(rec: Recorder, aws: Aws, stack: str, what: str, value: SecretStr | None) -> str:
+    existed = any(r.kind == "secret" and r.id.split(":secret:")[-1].startswith(f"vllm-pipeline/{stack}/{what}")
+                  for r in rec.state.resources)
+    arn = step(f"secret-{what}", ensure_secret, stack, what, value, aws.credentials, aws.region)
+    return rec.keep("secret", arn, not existed)
+
+
+def _service_task_definition(aws: Aws, cluster: str, stack: str) -> str | None:
+    """The service's task definition now: what a failed update rolls back to. None only when there is
+    no service (or no cluster yet); any other error (throttled, denied) is raised, so an update never
+    goes ahead without knowing what to roll back to (the step's retry rule retries the transient ones)."""
+    found = (unless_gone(lambda: aws.client("ecs").describe_services(cluster=cluster, services=[resource_name(stack, "service")]),
+                         "ClusterNotFoundException") or {}).get("services", [])
+    return next((s["taskDefinition"] for s in found if s["status"] == "ACTIVE"), None)
