@@ -376,13 +376,14 @@ def test_gpu_memory_is_what_cuda_reports():
 
 def test_breakdown_in_the_artifact_adds_up_to_the_budget():
     for p in (plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, enable_lora=True)),
-              plan(QWEN3_30B_A3B, QWEN3_30B_A3B_BYTES, settings(max_model_len=32768))):
+              plan(QWEN3_30B_A3B, QWEN3_30B_A3B_BYTES, settings(max_model_len=32768)),
+              plan(QWEN25_VL_7B, QWEN25_VL_7B_BYTES, settings(max_model_len=4096))):
         md = render_markdown(p)
         section = md.split("## Memory per GPU")[1].split("## Candidates")[0]
         rows = {r.split("|")[1].strip().strip("*"): r for r in section.splitlines() if r.startswith("| ")}
         value = {k: float(r.split("|")[2].strip().strip("*")) for k, r in rows.items() if k not in ("item", "---")}
-        terms = ["weights", "MoE workspaces", "activation peak", "non-torch memory", "CUDA graphs", "LoRA buffers",
-                 "safety margin", "KV cache"]
+        terms = ["weights", "MoE workspaces", "activation peak", "multimodal encoder", "non-torch memory", "CUDA graphs",
+                 "LoRA buffers", "safety margin", "KV cache"]
         assert abs(sum(value.get(t, 0.0) for t in terms) - value["budget"]) <= 0.05
         for t in terms:
             if t in rows:
@@ -403,6 +404,51 @@ def test_fp8_kv_cache_and_float32_and_lora():
     assert cand(lora, "g5.xlarge").memory.lora == 4 * 16 * 32 * per_layer * 2  # ≈ 0.31 GiB
     eager = plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=8192, enforce_eager=True))
     assert cand(eager, "g5.xlarge").memory.cuda_graphs == 0 < cand(base, "g5.xlarge").memory.cuda_graphs
+
+
+QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct config.json (fields that decide memory)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "num_hidden_layers": 28,
+    "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+    "vocab_size": 152064, "max_position_embeddings": 128000, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 3584,
+                      "fullatt_block_indexes": [7, 15, 23, 31]},
+}
+QWEN25_VL_7B_BYTES = 16_584_333_312
+
+
+def test_vision_encoder_profile_term():
+    from tasks.capacity.memory import ENCODER_ALLOWANCE_GIB, encoder_profile, max_image_tokens, plan_settings
+
+    shape = model_shape(QWEN25_VL_7B)
+    v = shape.vision
+    assert v is not None and v.modelled and model_shape(LLAMA_31_8B).vision is None
+    # max_pixels 12,845,056 / (14 × 2)² = 16,384 merged tokens = 65,536 patches: vLLM's "budget of 16384 tokens"
+    assert max_image_tokens(v) == 16384
+    s = plan_settings(VllmServerSettings(max_model_len=4096, max_num_seqs=32), 1)
+    e = encoder_profile(v, s, 2048, 2, 1)
+    assert (e.items, e.patches) == (1, 65536)
+    # per patch: max(attention 3H + 8H, MLP 3H + 3I) = max(14,080, 14,100) elements + 1,176 pixel values, in bf16
+    assert e.peak == 65536 * (3 * 1280 + 3 * 3420 + 3 * 2 * 14 * 14) * 2  # 1.87 GiB
+    assert e.output == 16384 * 3584 * 2
+    # TP 2 splits the heads and the MLP: the peak falls below the single-GPU one
+    assert encoder_profile(v, s, 2048, 2, 2).peak < e.peak
+    # in the plan: a text config has no encoder term, the VL config one that lifts the profile peak to the tower's
+    vl = cand(plan(QWEN25_VL_7B, QWEN25_VL_7B_BYTES, settings(max_model_len=4096)), "g6.xlarge")
+    text = cand(plan(LLAMA_31_8B, sum(LLAMA_31_8B_SHARDS), settings(max_model_len=4096)), "g6.xlarge")
+    assert text.memory.encoder == 0 and text.memory.encoder_detail == ""
+    assert vl.memory.encoder == e.peak - vl.memory.activation > 0.4 * GiB
+    assert "16,384-token image" in vl.memory.encoder_detail
+    # a vision tower the planner has no formula for: the stated allowance, and the breakdown says so
+    pixtral = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "torch_dtype": "bfloat16",
+               "text_config": {**MISTRAL_7B_V01, "sliding_window": None, "torch_dtype": None},
+               "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24}}
+    other = cand(plan(pixtral, 15_000_000_000, settings(max_model_len=4096)), "g6.xlarge")
+    assert other.memory.encoder == int(ENCODER_ALLOWANCE_GIB * GiB) and "not modelled" in other.memory.encoder_detail
+    skipped = cand(plan(QWEN25_VL_7B, QWEN25_VL_7B_BYTES, settings(max_model_len=4096,
+                                                                   extra_args=["--skip-mm-profiling"])), "g6.xlarge")
+    assert skipped.memory.encoder == 0
 
 
 def test_multimodal_text_config_is_read():

@@ -24,7 +24,7 @@ How vLLM sizes the KV cache (the pinned version, vllm 0.32.0, `vllm/v1/worker/gp
 The planner redoes that arithmetic per GPU, for every catalogue instance and tensor-parallel size:
 
     budget    = cuda_total × gpu_memory_utilization
-    kv_cache  = budget − weights/TP − moe_workspaces − activation − non_torch − cuda_graphs − lora − margin
+    kv_cache  = budget − weights/TP − moe_workspaces − activation − encoder − non_torch − cuda_graphs − lora − margin
     fits      ⇔ floor(kv_cache / kv_bytes_per_sequence) ≥ concurrency   (default 1 full-length sequence)
 
 Every term, and where its number comes from (each constant below carries its source):
@@ -32,6 +32,9 @@ Every term, and where its number comes from (each constant below carries its sou
 - activation = max(forward, sampler): the larger of the profiling forward pass and the sampler step
   (vLLM frees the forward's activations before sampling); formulas in `forward_bytes`/`sampler_bytes`;
 - moe_workspaces: the fused-MoE workspaces, which 0.32's workspace manager keeps (`moe_workspace_bytes`);
+- encoder: multimodal models only (config has `vision_config`): what profiling the vision tower on the largest
+  dummy image adds to the profile run's peak beyond the text activation (`encoder_profile`); for vision towers
+  without a formula, a stated allowance (ENCODER_ALLOWANCE_GIB);
 - non_torch: memory vLLM finds consumed outside the weights and the activation peak (cuBLAS and
   attention workspaces, NCCL/custom all-reduce buffers with TP): the largest figure in the published
   logs the planner is calibrated on;
@@ -56,6 +59,7 @@ Llama-2-7B-shaped config and show the GQA saving for the others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,7 +67,7 @@ from pydantic import BaseModel, Field
 
 from blocks.catalogue import GpuInstance
 from blocks.vllm_server import VllmServerSettings
-from tasks.capacity.shape import DTYPE_BYTES, ModelShape
+from tasks.capacity.shape import DTYPE_BYTES, ModelShape, VisionTower
 from tasks.core.errors import PipelineInputError
 
 GiB = 1 << 30
@@ -76,11 +80,14 @@ _SETTING_DTYPE = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16
 # Memory CUDA reports per GPU (GiB), by (GPU, catalogue gpu_memory_gib): vLLM's budget is a fraction of this,
 # not of the marketed size. From vLLM start-up logs ("total_gpu_memory (X GiB)"; the lowest seen where logs
 # differ by driver): T4 14.74, L40S 44.31-44.39, A100-40GB 39.39-39.56, A100-80GB 79.14-79.25, H100 79.10-79.22.
-# A10G and L4: PyTorch's "total capacity" in out-of-memory messages (no calibration log found for them).
+# A10G and L4: PyTorch's "total capacity" in out-of-memory messages (no calibration log prints them). L4 22.05:
+# vLLM's own CI L4 ("GPU 0 has a total capacity of 22.05 GiB", https://github.com/vllm-project/vllm/issues/20214),
+# the lowest seen (the table had 22.16). A10G stays 22.20: the 22.06 GiB seen publicly comes from a log
+# that does not name its GPU, so it is not taken.
 CUDA_VISIBLE_GIB: dict[tuple[str, int], float] = {
     ("T4", 16): 14.74,
     ("A10G", 24): 22.20,
-    ("L4", 24): 22.16,
+    ("L4", 24): 22.05,
     ("L40S", 48): 44.31,
     ("A100", 40): 39.39,
     ("A100", 80): 79.14,
@@ -140,6 +147,36 @@ BATCHED_TOKENS_HUGE_GPU = 16384
 BATCHED_TOKENS_BIG_GPU = 8192
 BATCHED_TOKENS_DEFAULT = 2048
 
+# Multimodal encoder profiling (vllm/v1/worker/gpu_model_runner.py `profile_run`): before the text dummy run, vLLM
+# runs the vision tower once on `mm_max_items_per_batch` dummy items of the largest size
+# (vllm/multimodal/encoder_budget.py `MultiModalBudget`, vllm/v1/core/encoder_cache_manager.py
+# `compute_mm_encoder_budget`) and keeps the outputs in `encoder_cache` until the text dummy run and the sampler
+# are done; the memory profiler sees the larger of the tower's own peak and text peak + those outputs.
+# Qwen2.5-VL's vision block (vllm/model_executor/models/qwen2_5_vl.py `Qwen2_5_VisionBlock.forward`), per patch on
+# one GPU, in model-dtype elements, H = vision hidden, h = H/TP (heads are sharded), I = vision MLP width:
+# - attention (`Qwen2_5_VisionAttention.forward`): block input and norm1 output (2H), qkv (3h), the contiguous
+#   q/k copy rotary takes (2h), the rotated q/k (2h, `ApplyRotaryEmb` in the model dtype), the attention output
+#   (h; flash attention on sm80+, so no score matrix), proj output (H) → 3H + 8h;
+# - MLP (`Qwen2_5_VisionMLP.forward`): norm2's fused output and residual (2H), gate_up (2I/TP) and the activated
+#   half (I/TP), both alive until down_proj returns, down_proj output (H) → 3H + 3I/TP.
+# The windowed and full-attention layers (`fullatt_block_indexes`) differ only in cu_seqlens under flash attention.
+VISION_ATTN_FULL_BUFFERS = 3  # unsharded H-wide buffers at the attention peak
+VISION_ATTN_SHARD_BUFFERS = 8  # H/TP-wide buffers at the attention peak
+VISION_MLP_FULL_BUFFERS = 3
+VISION_MLP_SHARD_BUFFERS = 3  # × I/TP
+# vLLM before 0.10 (the 0.8/0.9 code, e.g. the traceback in the qwen2_vl.py of April 2025): q, k and v were each made
+# contiguous (3h) and rotary ran on q and k one at a time in float32 (`apply_rotary_pos_emb_vision`: t.float(),
+# a float32 output, then back to the model dtype) → 2H + 3h + 3h + h + 2h·4/dtype_bytes, i.e. 13H at TP 1 in bf16;
+# with TP > 1 `split_qkv` all-gathered qkv (`all_gather_interleave`: the gathered list and its concatenation, 3H
+# each) → 2H + 3h + 6H. Which release dropped this layout is not pinned down here: 0.32 has the one above; the
+# planner switches at 0.10 (only the 0.9.0.1 calibration logs use the older rule).
+# The dummy pixels stay alive through the tower: patches × in_channels × temporal_patch × patch² in the model dtype
+# (vllm/multimodal/processing/context.py casts floating inputs to the model dtype).
+# A vision tower without a formula here: this allowance, counted on top of the text activation (not in a max with
+# it, as the modelled towers are). The modelled Qwen2.5-VL-7B peaks at 1.87 GiB on its largest image (65,536
+# patches) in 0.32; few vision towers take larger dummy images, so 2 GiB is stated as the conservative figure.
+ENCODER_ALLOWANCE_GIB = 2.0
+
 _IN_FLIGHT_QUANT = {"fp8", "bitsandbytes"}  # vLLM quantizes these from an unquantized checkpoint at load time
 
 
@@ -151,6 +188,7 @@ class VllmAccounting:
     version: str
     cudagraphs_in_budget: bool  # >= 0.21: the CUDA-graph estimate comes out of the budget; before: the headroom
     moe_workspaces_kept: bool  # the MoE workspaces stay allocated after the profile pass (workspace manager)
+    vision_fp32_rotary: bool = False  # < 0.10: the vision tower's q/k/v copies and float32 rotary (see VISION_*)
 
 
 def accounting_for(version: str) -> VllmAccounting:
@@ -161,11 +199,13 @@ def accounting_for(version: str) -> VllmAccounting:
     - MoE workspaces: 0.32 takes them from its workspace manager (vllm/v1/worker/workspace.py, used by
       fused_moe/modular_kernel.py), which keeps them, so they count whole on top of the transient peak; older
       versions allocated them per call, inside the forward pass's transient peak. The MoE logs in the
-      calibration set are from 0.8.5 and 0.9.2: any cut-over between those and 0.32 replays them alike; 0.12."""
+      calibration set are from 0.8.5 and 0.9.2: any cut-over between those and 0.32 replays them alike; 0.12.
+    - Vision tower attention: before 0.10, per-tensor q/k/v copies and float32 rotary (the comment above
+      VISION_ATTN_FULL_BUFFERS)."""
     parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
     major, minor = (parts + [0, 0])[:2]
     return VllmAccounting(version=version, cudagraphs_in_budget=(major, minor) >= (0, 21),
-                          moe_workspaces_kept=(major, minor) >= (0, 12))
+                          moe_workspaces_kept=(major, minor) >= (0, 12), vision_fp32_rotary=(major, minor) < (0, 10))
 
 
 PINNED = accounting_for(PINNED_VLLM)
@@ -175,8 +215,8 @@ PINNED = accounting_for(PINNED_VLLM)
 
 
 class MemoryBreakdown(BaseModel):
-    """Bytes per GPU. budget = weights + moe_workspaces + activation + non_torch + cuda_graphs + lora + margin
-    + kv_cache."""
+    """Bytes per GPU. budget = weights + moe_workspaces + activation + encoder + non_torch + cuda_graphs + lora
+    + margin + kv_cache."""
 
     gpu_memory: int = Field(description="What CUDA reports for one GPU.")
     budget: int = Field(description="gpu_memory × gpu_memory_utilization.")
@@ -185,6 +225,10 @@ class MemoryBreakdown(BaseModel):
     forward: int = Field(description="Profiling forward pass of max_num_batched_tokens (incl. MoE workspaces).")
     sampler: int = Field(description="Sampler step: min(max_num_seqs, batched tokens) rows × vocabulary.")
     moe_workspaces: int = Field(default=0, description="MoE workspaces vLLM 0.32 keeps between steps (0: dense).")
+    encoder: int = Field(default=0, description="What profiling the multimodal encoder adds to the profile run's peak "
+                                                "beyond `activation` (0: text model); an allowance for unmodelled towers.")
+    encoder_peak: int = Field(default=0, description="The vision tower's own peak on the largest dummy image(s).")
+    encoder_detail: str = Field(default="", description="How `encoder` was found, for the artifact.")
     non_torch: int = Field(description="Consumed outside weights and activations (workspaces, NCCL with TP).")
     cuda_graphs: int = Field(description="vLLM >= 0.21's CUDA-graph estimate (0 with enforce_eager).")
     lora: int
@@ -194,7 +238,7 @@ class MemoryBreakdown(BaseModel):
     @property
     def runtime(self) -> int:
         """Everything the budget spends besides weights, KV cache and LoRA."""
-        return self.moe_workspaces + self.activation + self.non_torch + self.cuda_graphs + self.margin
+        return self.moe_workspaces + self.activation + self.encoder + self.non_torch + self.cuda_graphs + self.margin
 
 
 class Candidate(BaseModel):
@@ -238,6 +282,7 @@ class PlanSettings(BaseModel):
     lora_rank: int | None = None
     lora_count: int | None = None
     requested_tensor_parallel_size: int
+    skip_mm_profiling: bool = False
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -289,6 +334,7 @@ def plan_settings(settings: VllmServerSettings, concurrency: int | None) -> Plan
         lora_rank=settings.max_lora_rank if settings.enable_lora else None,
         lora_count=settings.max_loras if settings.enable_lora else None,
         requested_tensor_parallel_size=settings.tensor_parallel_size,
+        skip_mm_profiling=_flag(settings.extra_args, "--skip-mm-profiling") is not None,
     )
 
 
@@ -423,6 +469,78 @@ def sampler_bytes(shape: ModelShape, batched_tokens: int, max_num_seqs: int) -> 
     return min(max_num_seqs, batched_tokens) * shape.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
+@dataclass(frozen=True)
+class EncoderProfile:
+    """The multimodal encoder's part of vLLM's profile run, on one GPU."""
+
+    items: int  # dummy items profiled at once (mm_max_items_per_batch)
+    tokens_per_item: int  # merged tokens of the largest item (get_max_image_tokens)
+    patches: int  # patches through the vision tower, all items
+    peak: int  # the tower's own transient peak, pixels included
+    output: int  # the encoder outputs kept in encoder_cache through the text dummy run and the sampler
+
+
+def max_image_tokens(v: VisionTower) -> int:
+    """Merged tokens of the largest image (Qwen2VLProcessingInfo `get_image_size_with_most_features` and
+    `get_max_image_tokens`): max_pixels // (patch × merge)², factored into height × width with an aspect ratio
+    of at most 200 (fewer tokens when the count has no such factorisation)."""
+    unit = v.patch_size * v.spatial_merge_size
+    for n in range(v.max_pixels // (unit * unit), 0, -1):
+        d = next(d for d in range(math.isqrt(n), 0, -1) if n % d == 0)
+        if (n // d) / d <= 200:
+            return n
+    return 1
+
+
+def encoder_profile(v: VisionTower, s: PlanSettings, batched_tokens: int, dtype_bytes: int, tp: int,
+                    accounting: VllmAccounting = PINNED) -> EncoderProfile:
+    """The vision tower's profiling pass as vLLM 0.32 runs it (`GPUModelRunner.profile_run`): one modality (image
+    and video tie on Qwen2-VL: one frame pads to one temporal patch), `items` dummy items of the largest size, where
+    the encoder budget is max(max_num_batched_tokens, tokens per item) (`compute_mm_encoder_budget`) and
+    items = max(1, min(budget // tokens, max_num_seqs × max(1, max_model_len // tokens))) (`MultiModalBudget.
+    _get_max_items`; without chunked prefill max_num_seqs is capped at batched // tokens). Per patch the peak is
+    the larger of the vision block's attention and MLP buffers (VISION_* constants) plus the dummy pixels; the
+    outputs (tokens × out_hidden) stay in `encoder_cache` while the text model and the sampler run."""
+    tokens = max_image_tokens(v)
+    budget = max(batched_tokens, tokens)
+    reqs = s.max_num_seqs if s.enable_chunked_prefill else min(s.max_num_seqs, batched_tokens // tokens)
+    items = max(1, min(budget // tokens, reqs * max(1, s.max_model_len // tokens)))
+    patches = items * tokens * v.spatial_merge_size ** 2
+    shard = tp if v.num_heads % tp == 0 else 1  # mm_encoder_tp_mode "weights": heads and MLP split over TP
+    H, h, inter = v.hidden_size, v.hidden_size / shard, v.intermediate_size / shard
+    mlp = (VISION_MLP_FULL_BUFFERS * H + VISION_MLP_SHARD_BUFFERS * inter) * dtype_bytes
+    if accounting.vision_fp32_rotary:
+        attn = (2 * H + 7 * h) * dtype_bytes + 2 * h * 4  # q/k/v copies, one of q/k in float32 + its float32 output
+        if shard > 1:
+            attn = max(attn, (2 * H + 3 * h + 6 * H) * dtype_bytes)  # all_gather_interleave of qkv
+    else:
+        attn = (VISION_ATTN_FULL_BUFFERS * H + VISION_ATTN_SHARD_BUFFERS * h) * dtype_bytes
+    pixels = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * dtype_bytes
+    peak = int(patches * (max(attn, mlp) + pixels))
+    output = items * tokens * v.out_hidden_size * dtype_bytes
+    return EncoderProfile(items=items, tokens_per_item=tokens, patches=patches, peak=peak, output=output)
+
+
+def encoder_bytes(shape: ModelShape, s: PlanSettings, batched_tokens: int, dtype_bytes: int, tp: int, text_peak: int,
+                  accounting: VllmAccounting = PINNED) -> tuple[int, int, str]:
+    """(what the encoder adds beyond the text activation `text_peak`, the tower's own peak, how) on one GPU.
+    The profiler sees max(tower peak, text peak + encoder outputs); the term is that less the text peak."""
+    v = shape.vision
+    if v is None:
+        return 0, 0, ""
+    if s.skip_mm_profiling:
+        return 0, 0, "--skip-mm-profiling: vLLM does not profile the encoder (its first large image may not fit)"
+    if not v.modelled:
+        allowance = int(ENCODER_ALLOWANCE_GIB * GiB)
+        return allowance, 0, (f"vision tower of `{v.model_type}` not modelled by the planner: a stated allowance of "
+                              f"{ENCODER_ALLOWANCE_GIB} GiB on top of the text activation")
+    e = encoder_profile(v, s, batched_tokens, dtype_bytes, tp, accounting)
+    extra = max(e.peak, text_peak + e.output) - text_peak
+    return extra, e.peak, (f"vision tower profiled on {e.items} × {e.tokens_per_item:,}-token image(s) "
+                           f"({e.patches:,} patches through {v.depth} blocks): peak {_gib(e.peak)} GiB; its outputs "
+                           f"({_gib(e.output)} GiB) stay cached through the text pass")
+
+
 def capture_sizes(largest: int) -> list[int]:
     """vLLM 0.32's CUDA-graph batch sizes up to `largest` (vllm/config/vllm.py `_set_cudagraph_sizes`)."""
     sizes = [n for n in (1, 2, 4) if n <= largest] + list(range(8, min(largest + 1, 256), 8))
@@ -490,11 +608,12 @@ def evaluate(
     workspaces = moe_workspace_bytes(shape, batched, run_bytes, tp) if kept else 0
     sampler = sampler_bytes(shape, batched, s.max_num_seqs)
     activation = max(forward, sampler)
+    encoder, encoder_peak, encoder_detail = encoder_bytes(shape, s, batched, run_bytes, tp, activation, accounting)
     non_torch = non_torch_bytes(tp)
     graphs = cuda_graph_bytes(shape, s, batched) if accounting.cudagraphs_in_budget else 0
     lora = lora_bytes(shape, s.lora_rank, s.lora_count, run_bytes, tp) if s.lora_rank else 0
     margin = int(gpu_memory * SAFETY_MARGIN_FRACTION)
-    kv_budget = budget - weights - workspaces - activation - non_torch - graphs - lora - margin
+    kv_budget = budget - weights - workspaces - activation - encoder - non_torch - graphs - lora - margin
     per_layer = kv_bytes_per_token_layer(shape, kv_bytes, tp)
     windows = not s.sliding_window_disabled
 
@@ -525,7 +644,8 @@ def evaluate(
         price_per_hour=price, price_source=price_source, dtype=dtype, kv_cache_dtype="fp8" if kv_fp8 else dtype,
         max_num_batched_tokens=batched,
         memory=MemoryBreakdown(gpu_memory=gpu_memory, budget=budget, weights=weights, activation=activation,
-                               forward=forward, sampler=sampler, moe_workspaces=workspaces, non_torch=non_torch,
+                               forward=forward, sampler=sampler, moe_workspaces=workspaces, encoder=encoder,
+                               encoder_peak=encoder_peak, encoder_detail=encoder_detail, non_torch=non_torch,
                                cuda_graphs=graphs, lora=lora,
                                margin=margin, kv_cache=kv_budget),
         kv_bytes_per_token=per_layer * shape.num_layers, sequence_bytes=seq, sequences_fit=int(fit),

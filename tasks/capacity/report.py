@@ -110,6 +110,9 @@ def render_markdown(p: CapacityPlan) -> str:
             *([f"| MoE workspaces | {_gib(m.moe_workspaces)} | kept by vLLM's workspace manager: {MOE_WORKSPACES} × "
                f"{shown.max_num_batched_tokens:,} tokens × top-{p.shape.experts_per_token} × max(2 × moe_intermediate/TP, "
                "hidden) |"] if m.moe_workspaces else []),
+            *([f"| multimodal encoder | {_gib(m.encoder)} | {m.encoder_detail}; counted beyond the activation peak "
+               "(vLLM profiles the encoder before the text pass, tasks/capacity/memory.py `encoder_profile`) |"]
+              if m.encoder or m.encoder_detail else []),
             f"| non-torch memory | {_gib(m.non_torch)} | {non_torch} |",
             f"| CUDA graphs | {_gib(m.cuda_graphs)} | {graphs} |",
             f"| LoRA buffers | {_gib(m.lora)} | {lora} |",

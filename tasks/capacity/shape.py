@@ -15,6 +15,31 @@ from tasks.core.s3 import Manifest
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+# Vision towers whose profiling pass tasks.capacity.memory models from the config (`encoder_profile`), by model_type.
+MODELLED_VISION = frozenset({"qwen2_5_vl"})
+# The largest image the Qwen2-VL / Qwen2.5-VL processors accept: `max_pixels` in the Qwen/Qwen2.5-VL-*-Instruct
+# and Qwen2-VL-*-Instruct preprocessor_config.json (12,845,056 = 16,384 merged tokens of 28 × 28 pixels). It lives
+# in the processor's config, not config.json; vLLM logs "a budget of 16384 tokens" for it.
+QWEN_VL_MAX_PIXELS = 12_845_056
+
+
+class VisionTower(BaseModel):
+    """What of config.json's `vision_config` decides the encoder's profiling peak. `modelled`: False for towers
+    the planner has no formula for (tasks.capacity.memory then takes a stated allowance)."""
+
+    model_type: str
+    modelled: bool
+    depth: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_heads: int = 0
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    out_hidden_size: int = 0
+    max_pixels: int = QWEN_VL_MAX_PIXELS
+
 
 class ModelShape(BaseModel):
     """What of config.json decides memory (text part of a multimodal config)."""
@@ -38,6 +63,7 @@ class ModelShape(BaseModel):
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    vision: VisionTower | None = Field(default=None, description="The vision tower (config has `vision_config`).")
 
     @property
     def sliding_layers(self) -> int:
@@ -92,6 +118,24 @@ def _layer_windows(cfg: dict, layers: int) -> list[int | None]:
     return [window] * layers
 
 
+def _vision(config: dict, text_hidden: int) -> VisionTower | None:
+    """The vision tower of a multimodal config (`vision_config`), or None for a text model."""
+    vc = config.get("vision_config")
+    if not isinstance(vc, dict):
+        return None
+    model_type = str(config.get("model_type") or "unknown")
+    if model_type not in MODELLED_VISION or not all(vc.get(k) for k in ("depth", "hidden_size", "intermediate_size")):
+        return VisionTower(model_type=model_type, modelled=False)
+    return VisionTower(
+        model_type=model_type, modelled=True, depth=int(vc["depth"]), hidden_size=int(vc["hidden_size"]),
+        intermediate_size=int(vc["intermediate_size"]), num_heads=int(vc.get("num_heads") or 16),
+        patch_size=int(vc.get("patch_size") or 14), spatial_merge_size=int(vc.get("spatial_merge_size") or 2),
+        temporal_patch_size=int(vc.get("temporal_patch_size") or 2), in_channels=int(vc.get("in_channels") or 3),
+        out_hidden_size=int(vc.get("out_hidden_size") or text_hidden),
+        max_pixels=int(vc.get("max_pixels") or QWEN_VL_MAX_PIXELS),
+    )
+
+
 def model_shape(config: dict) -> ModelShape:
     """Read what decides memory from a Hugging Face config.json. Missing `num_key_value_heads` means
     multi-head attention (KV heads = heads); missing `head_dim` means hidden_size // heads."""
@@ -126,7 +170,7 @@ def model_shape(config: dict) -> ModelShape:
         checkpoint_quantization=(quant.get("quant_method") or "quantized") if isinstance(quant, dict) else None,
         layer_windows=_layer_windows(cfg, layers), mla_latent_dim=mla,
         num_experts=experts if top_k else 0, experts_per_token=top_k, moe_intermediate_size=moe_width if top_k else 0,
-        shared_expert_intermediate_size=shared if top_k else 0,
+        shared_expert_intermediate_size=shared if top_k else 0, vision=_vision(config, hidden),
     )
 
 
