@@ -31,7 +31,9 @@ from tasks.validation.checks import (
     tool_suite,
     warm_up,
 )
-from tasks.validation.suite import CATEGORIES, CaseResult, Mode, has_own_gate, load_gate, load_suite, matrix
+from tasks.validation.suite import (
+    CATEGORIES, SUITE_CONCURRENCY, CaseResult, Mode, SuiteConcurrency, has_own_gate, load_gate, load_suite, matrix,
+)
 
 
 class ValidationFailed(RuntimeError):
@@ -53,7 +55,7 @@ def validate_endpoint(
     url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
     gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True, modes: list[str] | None = None,
-    bfcl_suite: dict | None = None,
+    bfcl_suite: dict | None = None, suite_concurrency: int = SUITE_CONCURRENCY,
 ) -> ValidationReport:
     logger = get_run_logger()
     suite = load_suite(extra_cases, modes, bfcl_suite)  # bad user cases fail here, before any request
@@ -74,7 +76,7 @@ def validate_endpoint(
             stream_check, s = streaming(ep)
             checks.append(stream_check)
             samples.extend(s)
-            tools_check, cases, s = tool_suite(ep, suite, gate_profile)
+            tools_check, cases, s = tool_suite(ep, suite, gate_profile, suite_concurrency)
             checks.append(tools_check)
             samples.extend(s)
             checks.append(latency_summary(samples, thresholds))
@@ -191,6 +193,7 @@ def validate(
     bfcl_suite: dict | None = None,
     thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: NonNegativeInt = 8,
+    suite_concurrency: SuiteConcurrency = SUITE_CONCURRENCY,
     model_store_block: str | None = None,
 ) -> ValidationReport:
     """Validate stack `stack` (its endpoint from the state record) or an explicit endpoint
@@ -198,7 +201,8 @@ def validate(
     A stack is validated under each served name: the base model and every LoRA adapter
     (`served_model_names` picks some), each with its gate profile (`gates`: name -> profile;
     default the profile named after the served name; an adapter without one gets its base
-    model's; else default.yaml; `gate` is the base model's). `modes` runs only those tool_choice
+    model's; else default.yaml; `gate` is the base model's). `suite_concurrency`: tool-calling cases in
+    flight at once (4; 1 runs them one at a time). `modes` runs only those tool_choice
     modes of the suite (["auto"]: a quick run of what each model decides by itself). `bfcl_suite`
     runs a BFCL-format data set instead of the repo's cases (docs/validation-bfcl.md): e.g.
     {"questions": "s3://b/BFCL_v4_simple_python.json", "answers": "s3://b/possible_answer/BFCL_v4_simple_python.json"}."""
@@ -230,6 +234,7 @@ def validate(
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
                           extra_cases=extra_cases, bfcl_suite=bfcl, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,
+                          suite_concurrency=suite_concurrency,
                           artifact_key=key if name == served_model_name else _name_key(key, name),
                           raise_on_failure=len(names) == 1)
         for name in names

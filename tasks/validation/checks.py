@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, PositiveFloat
 
 from tasks.core.endpoint import Endpoint, EndpointError, Reply
-from tasks.validation.suite import CaseResult, Gate, Suite, run_suite
+from tasks.validation.suite import SUITE_CONCURRENCY, CaseResult, Gate, Suite, run_suite
 
 _TASK = dict(cache_policy=NO_CACHE)
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -188,7 +188,7 @@ def streaming(ep: Endpoint, requests: int = 3) -> tuple[CheckResult, Samples]:
 
 
 @task(name="tool-calling-suite", **_TASK)
-def tool_suite(ep: Endpoint, suite: Suite, gate: Gate, concurrency: int = 1) -> tuple[CheckResult, list[CaseResult], Samples]:
+def tool_suite(ep: Endpoint, suite: Suite, gate: Gate, concurrency: int = SUITE_CONCURRENCY) -> tuple[CheckResult, list[CaseResult], Samples]:
     from tasks.validation.suite import gate_failures
 
     started = time.perf_counter()
