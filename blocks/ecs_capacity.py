@@ -8,7 +8,7 @@ import re
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from blocks.catalogue import gpu_instances
 
@@ -17,6 +17,51 @@ _SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _VPC = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 _CLUSTER = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _CERT = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[0-9a-f-]+$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class ScalingSettings(BaseModel):
+    """Target tracking on the load balancer's requests per task (ALBRequestCountPerTarget: requests
+    per minute that each healthy task received). The right target depends on the model and the
+    GPU: measure a replica's sustainable rate (the validate flow's latency check) and set it below."""
+
+    target_requests_per_minute: float = Field(default=30, gt=0, le=100000,
+                                              description="Requests per task per minute the service is scaled to keep.")
+    scale_out_cooldown_s: int = Field(default=300, ge=0, le=3600,
+                                      description="After a scale-out, wait this long before another (a GPU host and a model load take minutes).")
+    scale_in_cooldown_s: int = Field(default=1800, ge=0, le=86400,
+                                     description="After a scale-in, wait this long before another: GPU replicas are slow to bring back.")
+
+
+class AlarmSettings(BaseModel):
+    """CloudWatch alarms per stack; thresholds with defaults for a GPU LLM service."""
+
+    enabled: bool = True
+    no_healthy_targets_minutes: int = Field(default=3, ge=1, le=60,
+                                            description="No healthy target for this many minutes in a row.")
+    target_5xx_percent: float = Field(default=5.0, gt=0, le=100, description="Share of requests the server answered 5xx.")
+    target_5xx_minutes: int = Field(default=5, ge=1, le=60)
+    p95_response_time_s: float = Field(
+        default=60.0, gt=0, le=4000,
+        description="p95 of TargetResponseTime: time to the response's first byte (streaming: about the time to first "
+                    "token; not streaming: the whole generation).")
+    p95_response_time_minutes: int = Field(default=10, ge=1, le=60)
+    running_below_desired_minutes: int = Field(
+        default=20, ge=1, le=1440,
+        description="Running tasks below desired this long (a new GPU host plus a model load take ~10-15 min).")
+    topic_subscriptions: list[str] = Field(
+        default_factory=list,
+        description="E-mail addresses or https:// endpoints told of every alarm; empty: no SNS topic, the alarms only show.")
+
+    @field_validator("topic_subscriptions")
+    @classmethod
+    def _subscriptions(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not (_EMAIL.match(v) or (v.startswith("https://") and len(v) > len("https://")))]
+        if bad:
+            raise ValueError(f"not e-mail addresses or https:// endpoints: {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError("topic_subscriptions lists an endpoint twice")
+        return value
 
 
 class EcsGpuCapacity(Block):
@@ -44,6 +89,15 @@ class EcsGpuCapacity(Block):
     min_capacity: int = Field(default=0, ge=0, le=100)
     max_capacity: int = Field(default=1, ge=1, le=100)
     desired_count: int = Field(default=1, ge=0, le=100)
+    min_replicas: int | None = Field(
+        default=None, ge=0, le=100,
+        description="Autoscaling: the fewest vLLM tasks; None: desired_count. Autoscaling is on when max_replicas > min_replicas.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=100,
+        description="Autoscaling: the most vLLM tasks (one per GPU host, so at most max_capacity); None: desired_count.")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    dashboard: bool = Field(default=True, description="A CloudWatch dashboard per stack; its URL is in the deploy artifact and `status`.")
     use_spot: bool = False
     on_demand_base: int = Field(default=0, ge=0, description="With use_spot: this many instances stay on-demand.")
     load_balancer_scheme: Literal["internal", "internet-facing"] = Field(
@@ -55,7 +109,13 @@ class EcsGpuCapacity(Block):
     root_volume_gib: int = Field(default=200, ge=30, le=16384, description="GPU host disk: the image and the model cache.")
     shared_memory_mib: int = Field(default=8192, ge=64, description="/dev/shm for NCCL with tensor parallelism.")
     health_check_grace_s: int = Field(default=900, ge=0, le=7200, description="Model load time ECS waits before health checks count.")
-    deregistration_delay_s: int = Field(default=60, ge=0, le=3600)
+    request_timeout_s: int = Field(
+        default=900, ge=60, le=3600,
+        description="The longest request the stack must finish: the load balancer's idle timeout and (by default) the "
+                    "target group's deregistration delay, so a task leaving (scale-in, update) finishes what it serves.")
+    deregistration_delay_s: int | None = Field(
+        default=None, ge=0, le=3600,
+        description="None: request_timeout_s. With autoscaling it may not be shorter (scale-in would cut requests).")
     ami_parameter: str = Field(
         default="/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id",
         description="Public SSM parameter naming the ECS GPU-optimized AMI.",
@@ -142,8 +202,36 @@ class EcsGpuCapacity(Block):
             raise ValueError(f"not instance types in the catalogue: {unknown}")
         return value
 
+    @property
+    def replicas(self) -> tuple[int, int]:
+        """(min, max) vLLM tasks; equal when the service does not autoscale."""
+        lo = self.desired_count if self.min_replicas is None else self.min_replicas
+        hi = self.desired_count if self.max_replicas is None else self.max_replicas
+        return lo, hi
+
+    @property
+    def autoscaling(self) -> bool:
+        lo, hi = self.replicas
+        return hi > lo
+
+    @property
+    def drain_s(self) -> int:
+        """The target group's deregistration delay: in-flight requests finish for this long before ECS stops a task."""
+        return self.request_timeout_s if self.deregistration_delay_s is None else self.deregistration_delay_s
+
     @model_validator(mode="after")
     def _scaling(self) -> "EcsGpuCapacity":
+        lo, hi = self.replicas
+        if not lo <= self.desired_count <= hi:
+            raise ValueError(f"desired_count ({self.desired_count}) is outside min_replicas..max_replicas ({lo}..{hi})")
+        if self.max_replicas is not None and hi > self.max_capacity:
+            raise ValueError(f"max_replicas ({hi}) exceeds max_capacity ({self.max_capacity}): one vLLM task per GPU host")
+        if self.autoscaling and lo == 0:
+            raise ValueError("min_replicas=0 with autoscaling is not supported yet: the load balancer's request count "
+                             "cannot bring a service back from zero tasks (scale to zero is issue #24, item 2)")
+        if self.autoscaling and self.drain_s < self.request_timeout_s:
+            raise ValueError(f"deregistration_delay_s ({self.drain_s}) is shorter than request_timeout_s "
+                             f"({self.request_timeout_s}): scale-in would stop tasks with requests in flight")
         if self.min_capacity > self.max_capacity:
             raise ValueError(f"min_capacity ({self.min_capacity}) exceeds max_capacity ({self.max_capacity})")
         if self.desired_count > self.max_capacity:

@@ -143,7 +143,8 @@ def update_adapters(
 
     url, key = state.endpoint.url, read_secret(state.endpoint.api_key_secret, store.credentials, state.settings.get("region")).get_secret_value()
     load_s: dict[str, float] = {}
-    replicas = int(state.settings.get("desired_count", 1)) if state.target == "ecs" else 1
+    # with autoscaling, as many as max_replicas may be serving: a run-time load would reach only one of them
+    replicas = int(state.settings.get("max_replicas") or state.settings.get("desired_count", 1)) if state.target == "ecs" else 1
     if replicas > 1:
         _roll_service(store, state)
         logger.info("stack %r has %d replicas: rolled the service so every replica reads the new adapter index", stack, replicas)

@@ -131,6 +131,19 @@ def _adapter_lines(state: StackState) -> list[str]:
     return [f"- LoRA adapter {code(name)} from {code(ref.s3_uri)}" for name, ref in sorted(state.adapters.items())]
 
 
+def _operating_lines(state: StackState, capacity: EcsGpuCapacity) -> list[str]:
+    lo, hi = capacity.replicas
+    kinds = [r.kind for r in state.resources]
+    lines = [f"- autoscaling {lo}..{hi} tasks on {capacity.scaling.target_requests_per_minute:g} requests per task per minute"
+             if capacity.autoscaling else f"- fixed at {capacity.desired_count} task(s) (no autoscaling)"]
+    if "alarm" in kinds:
+        lines.append(f"- {kinds.count('alarm')} CloudWatch alarms"
+                     + (f", notifying {len(capacity.alarms.topic_subscriptions)} subscription(s)" if "alarm-topic" in kinds else ""))
+    if state.settings.get("dashboard_url"):
+        lines.append(f"- dashboard {state.settings['dashboard_url']}")
+    return lines
+
+
 def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: VllmServerSettings) -> tuple[str, VllmServerSettings, float]:
     """The capacity planner's verdict, before any AWS resource: the instance type (the block's, if
     it fits; the planner's choice when the block leaves it empty), the tensor-parallel size it needs,
@@ -179,6 +192,7 @@ def deploy_to_ecs(
     state.settings = {
         **settings.model_dump(mode="json", exclude={"api_key"}), "instance_type": instance_type, "price_per_hour": price,
         "region": capacity.region, "cluster": capacity.cluster, "desired_count": capacity.desired_count, "image_uri": image_uri,
+        "min_replicas": capacity.replicas[0], "max_replicas": capacity.replicas[1],
     }
     state.note(f"deploy {model.s3_uri} on {instance_type} ({image_uri})")
     rec = Recorder(store, state, None, capacity.region)
@@ -226,6 +240,7 @@ def deploy_to_ecs(
             f"- endpoint {code(state.endpoint.url)} serving {code(state.endpoint.served_model_name)}",
             *_adapter_lines(state),
             f"- API key in Secrets Manager {code(state.endpoint.api_key_secret)}",
+            *_operating_lines(state, capacity),
             f"- {len(state.resources)} resources recorded in {code(f's3://{store.bucket_name}/stacks/{stack}/state.json')}",
         ]),
         key=f"deploy-{stack}", description=f"Stack {stack} deployed",

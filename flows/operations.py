@@ -27,6 +27,7 @@ class StackStatus(BaseModel):
     instance_type: str | None
     price_per_hour: float
     cost_so_far_usd: float
+    dashboard: str | None = None
 
 
 def _hours_since(ts: str) -> float:
@@ -41,7 +42,7 @@ def describe(state: StackState) -> StackStatus:
         stack=state.stack, target=state.target, status=state.status, age_hours=round(age, 2),
         idle_hours=round(_hours_since(state.updated_at), 2), ttl_hours=state.ttl_hours,
         endpoint=state.endpoint.url if state.endpoint else None, instance_type=instance, price_per_hour=price,
-        cost_so_far_usd=round(age * price, 2),
+        cost_so_far_usd=round(age * price, 2), dashboard=(state.settings or {}).get("dashboard_url"),
     )
 
 
@@ -52,7 +53,8 @@ def status(model_store_block: str | None = None) -> list[StackStatus]:
     create_table_artifact([r.model_dump() for r in rows] or [{"stack": "(none)"}], key="stacks-status",
                           description="Live stacks")
     for r in rows:
-        print(f"{r.stack:24} {r.target:5} {r.status:12} age {r.age_hours:6.1f} h  {r.endpoint or '-'}  ${r.cost_so_far_usd}")
+        print(f"{r.stack:24} {r.target:5} {r.status:12} age {r.age_hours:6.1f} h  {r.endpoint or '-'}  ${r.cost_so_far_usd}"
+              + (f"  {r.dashboard}" if r.dashboard else ""))
     return rows
 
 

@@ -119,3 +119,21 @@ if [ "$MODE" != demo ]; then
   fi
   ln -sfn "$BFCL_VENV" .venv-bfcl
 fi
+
+# The IAM policy linters (cloudsplaining, parliament) for tests/test_iam_policy.py (tests only). Their own
+# environment: cloudsplaining pins its own click and policy_sentry. Pure-Python wheels, cached like the others.
+IAMLINT_PINS="cloudsplaining==0.9.1 parliament==1.6.4"
+iamlint_key=$(echo "$IAMLINT_PINS" | sha256sum | cut -c1-12)
+IAMLINT_VENV=${IAMLINT_VENV:-$HOME/.cache/vllm-pipeline/venv-iamlint-$iamlint_key}
+if [ "$MODE" != demo ]; then
+  if [ ! -f "$IAMLINT_VENV/.complete" ]; then
+    echo "setup: installing the IAM policy linters ($IAMLINT_VENV)"
+    rm -rf "$IAMLINT_VENV"
+    "$PY" -m venv "$IAMLINT_VENV"
+    # shellcheck disable=SC2086 # the pins are words
+    "$IAMLINT_VENV/bin/pip" install -q --no-compile $IAMLINT_PINS 2>&1 | grep -v "^WARNING: Location" || true
+    "$IAMLINT_VENV/bin/python" -c "import cloudsplaining, parliament"
+    touch "$IAMLINT_VENV/.complete"
+  fi
+  ln -sfn "$IAMLINT_VENV" .venv-iamlint
+fi

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
+from iam_actions import allowing_statements, runner_policy
 from prefect import flow
 from pydantic import SecretStr
 from test_capacity import LLAMA_31_8B, LLAMA_31_8B_SHARDS, SMOLLM2_135M, SMOLLM2_BYTES
@@ -175,7 +176,7 @@ def test_deploy_shapes_idempotent_redeploy_and_teardown(store, small_model, monk
     kinds = Counter(r.kind for r in state.resources)
     assert kinds == {"security-group": 2, "secret": 2, "log-group": 1, "iam-role": 3, "instance-profile": 1, "cluster": 1,
                      "launch-template": 1, "asg": 1, "capacity-provider": 1, "task-definition": 1, "load-balancer": 1,
-                     "target-group": 1, "listener": 1, "service": 1}
+                     "target-group": 1, "listener": 1, "service": 1, "alarm": 4, "dashboard": 1}  # operating: test_ecs_scaling
     aws = Aws(region="us-east-1")
     ecs, ec2, elb = aws.client("ecs"), aws.client("ec2"), aws.client("elbv2")
 
@@ -282,7 +283,7 @@ def test_task_definition_of_a_stack_with_adapters_carries_lora_flags_and_locatio
 
 def test_failed_wait_rolls_back_to_nothing_and_names_the_cause(store, small_model, monkeypatch):
     """...and every AWS operation the deploy and its rollback make is allowed by the policy the
-    README gives for the flow runner (images/runtime/runner-iam-policy.json)."""
+    README gives for the flow runner (images/runtime/runner-iam-policy-*.json)."""
     with recorded(monkeypatch) as log:
         with pytest.raises(DeployTimeout, match="not ready after .* no container instance has joined"):
             run_deploy("timeout", store, small_model, EcsGpuCapacity())
@@ -290,10 +291,9 @@ def test_failed_wait_rolls_back_to_nothing_and_names_the_cause(store, small_mode
     vpc_cidr = aws_client("ec2").describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["CidrBlock"]
     alb_rule = log.params["AuthorizeSecurityGroupIngress"][0]["IpPermissions"][0]
     assert [r["CidrIp"] for r in alb_rule["IpRanges"]] == [vpc_cidr]  # default ingress: the VPC itself, not the world
-    policy = json.loads((REPO / "images" / "runtime" / "runner-iam-policy.json").read_text())
-    allowed = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
-    used = {IAM_ACTION.get(op) or f"{PREFIX.get(svc, svc)}:{op}" for svc, op in log.ops}
-    assert used - allowed == set()
+    policy = runner_policy()
+    used = {IAM_ACTION.get(op) or f"{PREFIX.get(svc, svc)}:{op}" for svc, op in log.ops} - {"sts:GetCallerIdentity"}
+    assert {a for a in used if not allowing_statements(policy, a)} == set()  # wildcards (ec2:Describe*) match as IAM does
     assert len(used) > 40
 
 

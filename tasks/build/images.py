@@ -33,7 +33,7 @@ from tasks.build.dockerfile import base_images, copy_sources, lint_dockerfile, p
 from tasks.build.ecr import RegistryLogin, RemoteImage, ecr_client, ecr_login_sync, find_ecr_image_sync
 from tasks.core.errors import PipelineInputError, retry_if_transient
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tasks/build/images.py -> the project root
 CONTEXT_LABEL = "io.vllm-pipeline.context-sha256"
 TAG_LENGTH = 32  # hex characters of the context hash used as the tag (128 bits)
 _EXCLUDED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".venv"}
@@ -535,10 +535,15 @@ def pick_builder(settings: ImageBuildSettings) -> Builder:
 # --------------------------------------------------------------------------- tasks
 
 
+def context_root(settings: ImageBuildSettings) -> Path:
+    """The folder holding images/<name>/: the block's context_dir, else this project's root (in the runtime image too)."""
+    return Path(settings.context_dir) if settings.context_dir else PROJECT_ROOT
+
+
 @task(cache_policy=NO_CACHE)
 def prepare_context(settings: ImageBuildSettings, name: str, require_healthcheck: bool = False) -> BuildContext:
     """Resolve and hash images/<name>'s context; log what the Dockerfile lint finds."""
-    root = Path(settings.context_dir) if settings.context_dir else PROJECT_ROOT
+    root = context_root(settings)
     ctx = resolve_context(root, name, settings.build_args, settings.platform)
     for problem in lint_dockerfile((root / ctx.dockerfile).read_text(), require_healthcheck=require_healthcheck):
         get_run_logger().warning("%s: %s", ctx.dockerfile, problem)

@@ -3,7 +3,9 @@ order, then prove nothing is left.
 
 The scan is the resource groups tagging API plus per-service listings for what that API misses
 (IAM roles and instance profiles, which it does not cover; Auto Scaling groups, capacity providers
-and launch templates, which it covers late or not at all in some regions). Every delete treats
+and launch templates, which it covers late or not at all in some regions; CloudWatch dashboards,
+which take no tags; Application Auto Scaling targets and policies, found by the service's name;
+alarms and the alarm topic, listed by name and checked by tag). Every delete treats
 "already gone" as success, so teardown can run twice, after a partial teardown, or without a record.
 """
 
@@ -20,6 +22,8 @@ from tasks.core.errors import is_transient
 from tasks.core.naming import TAG_STACK, log_group_name, resource_name
 from tasks.core.secrets import delete_secret
 from tasks.core.state import Resource
+from tasks.targets.ecs.alarms import delete_alarm, delete_topic, stack_alarms, stack_topics
+from tasks.targets.ecs.dashboard import delete_dashboard, stack_dashboards
 from tasks.targets.ecs.gpu_hosts import (
     delete_auto_scaling_group,
     delete_capacity_provider,
@@ -29,6 +33,7 @@ from tasks.targets.ecs.gpu_hosts import (
 )
 from tasks.targets.ecs.iam import delete_instance_profile, delete_role, stack_roles
 from tasks.targets.ecs.network import delete_security_group
+from tasks.targets.ecs.scaling import delete_scaling_policy, deregister_scalable_target, stack_scaling
 from tasks.targets.ecs.service import (
     delete_load_balancer,
     delete_log_group,
@@ -39,8 +44,10 @@ from tasks.targets.ecs.service import (
 from tasks.targets.local.server import stop_local_server
 
 # Dependency order: what uses a thing goes before it.
+# The scaling target goes before the service (or Application Auto Scaling could raise the count
+# teardown just set to zero); alarms before the topic they notify.
 ORDER = [
-    "process", "service", "ecs-task", "task-definition", "capacity-provider", "asg", "instance", "launch-template",
+    "process", "dashboard", "alarm", "alarm-topic", "scaling-policy", "scalable-target", "service", "ecs-task", "task-definition", "capacity-provider", "asg", "instance", "launch-template",
     "listener", "load-balancer", "target-group", "security-group", "log-group", "secret", "instance-profile",
     "iam-role", "cluster",
 ]
@@ -99,6 +106,12 @@ def kind_of_arn(arn: str) -> Resource | None:
         return Resource(kind="secret", id=arn, region=region)
     if service == "autoscaling" and "autoScalingGroupName/" in rest:
         return Resource(kind="asg", id=rest.split("autoScalingGroupName/", 1)[1], region=region)
+    if service == "cloudwatch" and rest.startswith("alarm:"):
+        return Resource(kind="alarm", id=rest.removeprefix("alarm:"), region=region)
+    if service == "sns":
+        return Resource(kind="alarm-topic", id=arn, region=region)
+    if service == "application-autoscaling" and rest.startswith("scalable-target/"):
+        return Resource(kind="scalable-target", id=arn, region=region)  # the scan lists these by the service's name
     if service == "iam":
         kind, _, name = rest.partition("/")
         return Resource(kind={"role": "iam-role", "instance-profile": "instance-profile"}.get(kind, "iam"),
@@ -113,7 +126,8 @@ def _has_tag(tags: Iterable[dict], stack: str, key: str = "Key", value: str = "V
 # Kinds the scan lists from their own service, live state only; for these a tagging-API hit (which
 # may be a resource deleted minutes ago: "tagged or previously tagged") is not evidence.
 LISTED = frozenset({"secret", "iam-role", "instance-profile", "asg", "launch-template", "security-group", "instance",
-                    "capacity-provider", "task-definition", "log-group"})
+                    "capacity-provider", "task-definition", "log-group", "alarm", "alarm-topic",
+                    "scalable-target", "scaling-policy", "dashboard"})
 
 
 def _still_there(aws: Aws, r: Resource) -> bool:
@@ -206,6 +220,20 @@ def scan(aws: Aws, stack: str) -> tuple[list[Resource], list[str]]:
     if clusters and clusters[0]["status"] == "ACTIVE":
         add(Resource(kind="cluster", id=clusters[0]["clusterName"]))
 
+    # Operating the stack: alarms (name + tag), its topic (name), the dashboard (name: dashboards take
+    # no tags), the scaling target and policies (the service's name, in whichever cluster).
+    for name in stack_alarms(aws, stack):
+        add(Resource(kind="alarm", id=name))
+    for arn in stack_topics(aws, stack):
+        add(Resource(kind="alarm-topic", id=arn))
+    for name in stack_dashboards(aws, stack):
+        add(Resource(kind="dashboard", id=name))
+    targets, policies = stack_scaling(aws, stack)
+    for rid in targets:
+        add(Resource(kind="scalable-target", id=rid))
+    for pid in policies:
+        add(Resource(kind="scaling-policy", id=pid))
+
     logs = aws.client("logs")
     prefix = log_group_name(stack).rsplit("/", 1)[0] + "/"
     for page in logs.get_paginator("describe_log_groups").paginate(logGroupNamePrefix=prefix):
@@ -242,6 +270,11 @@ def _stop_task(aws: Aws, r: Resource, cluster: str) -> bool:
 # kind -> how to delete one (aws, resource, the stack's cluster); each returns False when it was already gone
 DELETERS: dict[str, Callable[[Aws, Resource, str], bool]] = {
     "process": lambda aws, r, cluster: stop_local_server(int(r.id)),
+    "dashboard": lambda aws, r, cluster: delete_dashboard(aws, r.id),
+    "alarm": lambda aws, r, cluster: delete_alarm(aws, r.id),
+    "alarm-topic": lambda aws, r, cluster: delete_topic(aws, r.id),
+    "scaling-policy": lambda aws, r, cluster: delete_scaling_policy(aws, r.id),
+    "scalable-target": lambda aws, r, cluster: deregister_scalable_target(aws, r.id),
     "service": lambda aws, r, cluster: delete_service(aws, r.id.rpartition("/")[0] or cluster, r.id.rpartition("/")[2]),
     "ecs-task": _stop_task,
     "task-definition": lambda aws, r, cluster: bool(deregister_family(aws, r.id)),

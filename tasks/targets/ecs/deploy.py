@@ -25,7 +25,7 @@ from tasks.core.errors import PipelineInputError, retry_if_transient
 from tasks.core.naming import log_group_name, resource_name
 from tasks.core.secrets import ensure_secret, read_secret
 from tasks.core.state import Endpoint, ModelRef, Resource, StackState, save_state
-from tasks.targets.ecs import gpu_hosts, iam, network
+from tasks.targets.ecs import alarms, dashboard, gpu_hosts, iam, network, scaling
 from tasks.targets.ecs import service as svc
 
 _RETRY = dict(retries=4, retry_delay_seconds=[2, 5, 15, 45], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
@@ -139,6 +139,8 @@ def deploy_ecs(
     if before and before != td_arn:
         rec.created.append(Resource(kind="service-revision", id=before, region=capacity.region))
 
+    operate(stack, aws, capacity, rec, cluster, lb["LoadBalancerArn"], tg_arn, partition, account)
+
     scheme = "https" if capacity.certificate_arn else "http"
     url = f"{scheme}://{lb['DNSName']}"
     rec.state.endpoint = Endpoint(url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_arn)
@@ -149,6 +151,30 @@ def deploy_ecs(
         aws, stack, cluster, resource_name(stack, "service"), tg_arn, url, api_key, settings.served_model_name, asg_name,
         ready_timeout_s, lambda line: logger.info("stack %r: %s", stack, line), poll_s)
     return rec.state.endpoint
+
+
+def operate(stack: str, aws: Aws, capacity: EcsGpuCapacity, rec: Recorder, cluster: str, lb_arn: str, tg_arn: str,
+            partition: str, account: str) -> None:
+    """What operating the stack needs, after the service: autoscaling (when max_replicas > min_replicas),
+    alarms and their SNS topic (when subscriptions are given), the dashboard (its URL in the record's settings)."""
+    if capacity.autoscaling:
+        rid, made = step("scalable-target", scaling.ensure_scalable_target, aws, stack, cluster, capacity)
+        rec.keep("scalable-target", rid, made)
+        rec.keep("scaling-policy", *step("scaling-policy", scaling.ensure_scaling_policy, aws, stack, rid,
+                                         scaling.policy_configuration(capacity.scaling, lb_arn, tg_arn)))
+    alarm_arns: list[str] = []
+    if capacity.alarms.enabled:
+        topic = None
+        if capacity.alarms.topic_subscriptions:
+            topic = rec.keep("alarm-topic", *step("alarm-topic", alarms.ensure_topic, aws, stack))
+            step("alarm-subscriptions", alarms.ensure_subscriptions, aws, topic, capacity.alarms.topic_subscriptions)
+        for what, spec in zip(alarms.ALARMS, alarms.alarm_specs(stack, capacity.alarms, lb_arn, tg_arn, cluster, topic)):
+            name = rec.keep("alarm", *step(f"alarm-{what}", alarms.ensure_alarm, aws, stack, spec))
+            alarm_arns.append(f"arn:{partition}:cloudwatch:{capacity.region}:{account}:alarm:{name}")
+    if capacity.dashboard:
+        body = dashboard.dashboard_body(stack, capacity.region, lb_arn, tg_arn, cluster, alarm_arns)
+        name = rec.keep("dashboard", *step("dashboard", dashboard.ensure_dashboard, aws, stack, body))
+        rec.state.settings["dashboard_url"] = dashboard.console_url(capacity.region, name, partition)
 
 
 def _keep_secret(rec: Recorder, aws: Aws, stack: str, what: str, value: SecretStr | None) -> str:

@@ -6,7 +6,10 @@
 - instance role + profile (the GPU hosts): join this stack's cluster only; Session Manager for a shell.
 
 Every role lives under the path /vllm-pipeline/<stack>/: the tagging API does not cover IAM,
-so teardown finds them by listing that path.
+so teardown finds them by listing that path. Every role carries the permissions boundary
+`vllm-pipeline/vllm-pipeline-stack-boundary` (a managed policy the account owner creates once from
+images/runtime/stack-role-boundary.json): the flow runner may create and change roles only with that
+boundary (images/runtime/runner-iam-policy-store.json), so no role it makes can do more than the boundary allows.
 """
 
 from __future__ import annotations
@@ -16,9 +19,17 @@ import json
 from botocore.exceptions import ClientError
 
 from tasks.core.aws import Aws, error_code, unless_gone
+from tasks.core.errors import PipelineInputError
 from tasks.core.naming import iam_path, resource_name, tag_list
 
 POLICY_NAME = "vllm-pipeline"
+BOUNDARY_PATH = "/vllm-pipeline/"
+BOUNDARY_NAME = "vllm-pipeline-stack-boundary"
+
+
+def boundary_arn(aws: Aws) -> str:
+    """The permissions boundary every stack role carries (created once per account, see the module doc)."""
+    return f"arn:{aws.partition()}:iam::{aws.account()}:policy{BOUNDARY_PATH}{BOUNDARY_NAME}"
 
 
 def _trust(service: str) -> str:
@@ -109,16 +120,28 @@ def ensure_role(aws: Aws, stack: str, kind: str, service: str, policy: str) -> t
     """Get-or-create the role, then put its inline policy (idempotent: a changed policy is replaced)."""
     iam = aws.client("iam")
     name = resource_name(stack, kind)
+    boundary = boundary_arn(aws)
     created = False
     try:
-        arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+        role = iam.get_role(RoleName=name)["Role"]
+        arn = role["Arn"]
+        if role.get("PermissionsBoundary", {}).get("PermissionsBoundaryArn") != boundary:  # a role made before boundaries
+            iam.put_role_permissions_boundary(RoleName=name, PermissionsBoundary=boundary)
     except ClientError as exc:
         if error_code(exc) != "NoSuchEntity":
             raise
-        arn = iam.create_role(
-            RoleName=name, Path=iam_path(stack), AssumeRolePolicyDocument=_trust(service), Tags=tag_list(stack),
-            Description=f"vllm-pipeline stack {stack}: {kind}", MaxSessionDuration=3600,
-        )["Role"]["Arn"]
+        try:
+            arn = iam.create_role(
+                RoleName=name, Path=iam_path(stack), AssumeRolePolicyDocument=_trust(service), Tags=tag_list(stack),
+                Description=f"vllm-pipeline stack {stack}: {kind}", MaxSessionDuration=3600, PermissionsBoundary=boundary,
+            )["Role"]["Arn"]
+        except ClientError as exc2:
+            if error_code(exc2) == "NoSuchEntity":
+                raise PipelineInputError(
+                    f"IAM policy {boundary} does not exist: create it once from images/runtime/stack-role-boundary.json "
+                    f"(path {BOUNDARY_PATH}, name {BOUNDARY_NAME}); every role a stack creates carries it as its permissions boundary"
+                ) from None
+            raise
         created = True
         iam.get_waiter("role_exists").wait(RoleName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 30})
     iam.put_role_policy(RoleName=name, PolicyName=POLICY_NAME, PolicyDocument=policy)

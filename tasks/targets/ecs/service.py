@@ -197,19 +197,26 @@ def deregister_family(aws: Aws, family: str) -> list[str]:
 def ensure_load_balancer(aws: Aws, stack: str, capacity: EcsGpuCapacity, subnets: list[str], sg: str) -> tuple[dict, bool]:
     elb = aws.client("elbv2")
     name = short_name(stack, "alb")
+    # vLLM streams tokens for minutes on long generations, and a request that does not stream sends
+    # nothing until it is done: the default 60 s idle timeout cuts them. request_timeout_s it is.
+    wanted = [{"Key": "idle_timeout.timeout_seconds", "Value": str(capacity.request_timeout_s)},
+              {"Key": "routing.http.drop_invalid_header_fields.enabled", "Value": "true"}]
     try:
-        return elb.describe_load_balancers(Names=[name])["LoadBalancers"][0], False
+        lb = elb.describe_load_balancers(Names=[name])["LoadBalancers"][0]
     except ClientError as exc:
         if error_code(exc) != "LoadBalancerNotFound":
             raise
+    else:
+        have = {a["Key"]: a["Value"] for a in elb.describe_load_balancer_attributes(
+            LoadBalancerArn=lb["LoadBalancerArn"])["Attributes"]}
+        if any(have.get(a["Key"]) != a["Value"] for a in wanted):
+            elb.modify_load_balancer_attributes(LoadBalancerArn=lb["LoadBalancerArn"], Attributes=wanted)
+        return lb, False
     lb = elb.create_load_balancer(
         Name=name, Subnets=subnets, SecurityGroups=[sg], Scheme=capacity.load_balancer_scheme, Type="application",
         IpAddressType="ipv4", Tags=tag_list(stack),
     )["LoadBalancers"][0]
-    # vLLM streams tokens for minutes on long generations: the default 60 s idle timeout cuts them.
-    elb.modify_load_balancer_attributes(LoadBalancerArn=lb["LoadBalancerArn"], Attributes=[
-        {"Key": "idle_timeout.timeout_seconds", "Value": "900"},
-        {"Key": "routing.http.drop_invalid_header_fields.enabled", "Value": "true"}])
+    elb.modify_load_balancer_attributes(LoadBalancerArn=lb["LoadBalancerArn"], Attributes=wanted)
     return lb, True
 
 
@@ -230,8 +237,11 @@ def ensure_target_group(aws: Aws, stack: str, capacity: EcsGpuCapacity, vpc_id: 
         )["TargetGroups"][0]["TargetGroupArn"]
         created = True
     # Least outstanding requests suits uneven generation lengths; AWS refuses it together with slow start.
+    # The deregistration delay is scale-in's safety: a task leaving the target group gets no new request
+    # and finishes those in flight for up to this long before ECS stops it (stopTimeout then gives vLLM
+    # 120 s more); a target with nothing in flight leaves at once, so a long delay costs an idle task nothing.
     elb.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
-        {"Key": "deregistration_delay.timeout_seconds", "Value": str(capacity.deregistration_delay_s)},
+        {"Key": "deregistration_delay.timeout_seconds", "Value": str(capacity.drain_s)},
         {"Key": "load_balancing.algorithm.type", "Value": "least_outstanding_requests"}])
     return arn, created
 
@@ -271,23 +281,27 @@ def delete_target_group(aws: Aws, arn: str) -> bool:
 def deployment_configuration(capacity: EcsGpuCapacity) -> dict:
     """Rolling updates start the new task before stopping the old one only when the Auto Scaling
     group may add a host for it; at max_capacity == desired_count (one GPU host) that would wait
-    forever, so the old task stops first (a short outage instead of a deadlock)."""
-    spare = capacity.max_capacity > capacity.desired_count
+    forever, so the old task stops first (a short outage instead of a deadlock). With autoscaling
+    the service may run max_replicas tasks, so that is what needs a host to spare."""
+    spare = capacity.max_capacity > (capacity.replicas[1] if capacity.autoscaling else capacity.desired_count)
     return {"deploymentCircuitBreaker": {"enable": True, "rollback": True},
             "maximumPercent": 200 if spare else 100, "minimumHealthyPercent": 100 if spare else 0}
 
 
 def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: EcsGpuCapacity, tg_arn: str,
                    capacity_provider: str | None) -> tuple[str, bool]:
-    """Create the service, or update it in place to the new task definition (a rolling deployment)."""
+    """Create the service, or update it in place to the new task definition (a rolling deployment).
+    With autoscaling an update keeps the count Application Auto Scaling chose (within min..max)."""
     ecs = aws.client("ecs")
     name = resource_name(stack, "service")
     found = [s for s in ecs.describe_services(cluster=cluster, services=[name])["services"] if s["status"] == "ACTIVE"]
     deployment = deployment_configuration(capacity)
     strategy = [{"capacityProvider": capacity_provider, "weight": 1, "base": 0}] if capacity_provider else None
     if found:
-        if found[0]["taskDefinition"] != task_def or found[0]["desiredCount"] != capacity.desired_count:
-            ecs.update_service(cluster=cluster, service=name, taskDefinition=task_def, desiredCount=capacity.desired_count,
+        lo, hi = capacity.replicas
+        count = min(max(found[0]["desiredCount"], lo), hi) if capacity.autoscaling else capacity.desired_count
+        if found[0]["taskDefinition"] != task_def or found[0]["desiredCount"] != count:
+            ecs.update_service(cluster=cluster, service=name, taskDefinition=task_def, desiredCount=count,
                                deploymentConfiguration=deployment, healthCheckGracePeriodSeconds=capacity.health_check_grace_s)
         return found[0]["serviceArn"], False
     kwargs = {"capacityProviderStrategy": strategy} if strategy else {}

@@ -1,0 +1,234 @@
+"""Operating an ECS stack, on moto: autoscaling (scalable target + target tracking on the load
+balancer's requests per task), alarms (+ SNS topic when subscriptions are given), the dashboard;
+recorded, idempotent on redeploy, found by the scan and removed by teardown. The block's rules.
+
+moto runs no containers: the deploys keep the stack (keep_failed) past the wait's timeout."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from pydantic import ValidationError
+from test_capacity import SMOLLM2_135M, SMOLLM2_BYTES
+from test_ecs_target import recorded, run_deploy, run_teardown, stage_fake
+
+from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity, ScalingSettings
+from blocks.model_store import ModelStore
+from flows.operations import describe
+from tasks.core.aws import Aws
+from tasks.core.naming import TAG_STACK
+from tasks.core.state import load_state
+from tasks.targets.ecs.service import DeployTimeout
+from tasks.teardown.sweep import leftovers, scan
+
+pytestmark = pytest.mark.integration
+# What this slice changes on a deploy (the ECS target's own steps re-put role policies and attributes as before)
+OURS = {"RegisterScalableTarget", "PutScalingPolicy", "PutMetricAlarm", "PutDashboard", "CreateTopic", "Subscribe",
+        "ModifyLoadBalancerAttributes", "UpdateService", "DeleteScalingPolicy", "DeleteAlarms", "DeleteDashboards"}
+
+
+@pytest.fixture()
+def store(bucket):
+    return ModelStore(bucket_name=bucket)
+
+
+@pytest.fixture()
+def small_model(bucket):
+    return stage_fake(bucket, "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_135M, [SMOLLM2_BYTES])
+
+
+def scaled(**kw) -> EcsGpuCapacity:
+    base = dict(ingress_cidrs=["10.1.0.0/16"], max_capacity=4, min_replicas=1, max_replicas=3,
+                scaling=ScalingSettings(target_requests_per_minute=12, scale_out_cooldown_s=240, scale_in_cooldown_s=1200))
+    return EcsGpuCapacity(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- block
+
+
+def test_replica_bounds_are_validated():
+    assert EcsGpuCapacity().replicas == (1, 1) and not EcsGpuCapacity().autoscaling
+    assert EcsGpuCapacity().drain_s == 900 == EcsGpuCapacity().request_timeout_s  # drain = the longest request
+    cap = scaled()
+    assert cap.replicas == (1, 3) and cap.autoscaling
+    assert EcsGpuCapacity(max_capacity=2, max_replicas=2).replicas == (1, 2)  # min defaults to desired_count
+    bad = [
+        (dict(max_capacity=2, max_replicas=3), "exceeds max_capacity"),
+        (dict(max_capacity=4, min_replicas=2, max_replicas=3), "desired_count .1. is outside"),
+        (dict(max_capacity=4, desired_count=4, max_replicas=3), "outside"),
+        (dict(max_capacity=3, desired_count=0, min_replicas=0, max_replicas=3), "min_replicas=0 with autoscaling"),
+        (dict(max_capacity=3, max_replicas=3, deregistration_delay_s=60), "scale-in would stop tasks"),
+        (dict(max_replicas=0), "greater than or equal to 1"),
+        (dict(min_replicas=-1), "greater than or equal to 0"),
+        (dict(alarms={"topic_subscriptions": ["not-an-address"]}), "not e-mail addresses"),
+        (dict(alarms={"topic_subscriptions": ["http://plain.example"]}), "https://"),
+        (dict(alarms={"topic_subscriptions": ["a@example.com", "a@example.com"]}), "twice"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            EcsGpuCapacity(**kw)
+    EcsGpuCapacity(max_capacity=3, max_replicas=3, deregistration_delay_s=900, request_timeout_s=900)
+    EcsGpuCapacity(deregistration_delay_s=30)  # a fixed service may drain shorter: nothing scales it in
+    ok = AlarmSettings(topic_subscriptions=["ops@example.com", "https://hooks.example.com/x"])
+    assert len(ok.topic_subscriptions) == 2
+
+
+# --------------------------------------------------------------------------------------------- deploy
+
+
+def _tag_ok(tags: list[dict], stack: str) -> bool:
+    return any(t["Key"] == TAG_STACK and t["Value"] == stack for t in tags)
+
+
+def test_autoscaling_alarms_topic_dashboard_shapes_redeploy_and_teardown(store, small_model, monkeypatch):
+    stack = "operate"
+    cap = scaled(alarms=AlarmSettings(topic_subscriptions=["ops@example.com"], p95_response_time_s=45))
+    with recorded(monkeypatch) as first, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, cap, keep_failed=True)
+    state, _ = load_state(store, stack)
+    kinds = Counter(r.kind for r in state.resources)
+    assert (kinds["scalable-target"], kinds["scaling-policy"], kinds["alarm"], kinds["alarm-topic"], kinds["dashboard"]) \
+        == (1, 1, 4, 1, 1)
+    aws = Aws(region="us-east-1")
+    elb = aws.client("elbv2")
+    lb = elb.describe_load_balancers(Names=[f"vllm-{stack}-alb"])["LoadBalancers"][0]
+    tg = elb.describe_target_groups(Names=[f"vllm-{stack}-tg"])["TargetGroups"][0]
+    lb_dim = lb["LoadBalancerArn"].split(":loadbalancer/")[1]
+    tg_dim = tg["TargetGroupArn"].split(":", 5)[5]
+
+    # scale-in safety: the target group drains as long as the longest request (= the load balancer's idle timeout)
+    tg_attrs = {a["Key"]: a["Value"] for a in elb.describe_target_group_attributes(TargetGroupArn=tg["TargetGroupArn"])["Attributes"]}
+    lb_attrs = {a["Key"]: a["Value"] for a in elb.describe_load_balancer_attributes(LoadBalancerArn=lb["LoadBalancerArn"])["Attributes"]}
+    assert tg_attrs["deregistration_delay.timeout_seconds"] == lb_attrs["idle_timeout.timeout_seconds"] == "900"
+    # a spare host for rolling updates: max_capacity 4 > max_replicas 3
+    assert first.params["CreateService"][0]["deploymentConfiguration"]["maximumPercent"] == 200
+
+    aas = aws.client("application-autoscaling")
+    rid = f"service/vllm-{stack}-cluster/vllm-{stack}-service"
+    target = aas.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[rid])["ScalableTargets"]
+    assert [(t["ScalableDimension"], t["MinCapacity"], t["MaxCapacity"]) for t in target] == [("ecs:service:DesiredCount", 1, 3)]
+    assert _tag_ok([{"Key": k, "Value": v} for k, v in first.params["RegisterScalableTarget"][0]["Tags"].items()], stack)
+    policies = aas.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=rid)["ScalingPolicies"]
+    assert [p["PolicyType"] for p in policies] == ["TargetTrackingScaling"]
+    conf = policies[0]["TargetTrackingScalingPolicyConfiguration"]
+    assert conf["TargetValue"] == 12.0 and conf["ScaleOutCooldown"] == 240 and conf["ScaleInCooldown"] == 1200
+    assert conf["PredefinedMetricSpecification"] == {"PredefinedMetricType": "ALBRequestCountPerTarget",
+                                                     "ResourceLabel": f"{lb_dim}/{tg_dim}"}
+
+    sns = aws.client("sns")
+    topic = next(t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].endswith(f":vllm-{stack}-alarms"))
+    subs = sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+    assert [(s["Protocol"], s["Endpoint"]) for s in subs] == [("email", "ops@example.com")]
+    assert _tag_ok(sns.list_tags_for_resource(ResourceArn=topic)["Tags"], stack)
+
+    cw = aws.client("cloudwatch")
+    found = {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix=f"vllm-{stack}-alarm-")["MetricAlarms"]}
+    assert sorted(found) == sorted(f"vllm-{stack}-alarm-{w}" for w in
+                                   ("no-healthy-targets", "target-5xx-rate", "p95-response-time", "running-below-desired"))
+    for a in found.values():
+        assert a["AlarmActions"] == [topic] and a["OKActions"] == [topic]
+        assert _tag_ok(cw.list_tags_for_resource(ResourceARN=a["AlarmArn"])["Tags"], stack)
+    healthy = found[f"vllm-{stack}-alarm-no-healthy-targets"]
+    assert (healthy["MetricName"], healthy["Statistic"], healthy["ComparisonOperator"], healthy["Threshold"],
+            healthy["TreatMissingData"]) == ("HealthyHostCount", "Minimum", "LessThanThreshold", 1.0, "breaching")
+    assert {d["Name"]: d["Value"] for d in healthy["Dimensions"]} == {"LoadBalancer": lb_dim, "TargetGroup": tg_dim}
+    p95 = found[f"vllm-{stack}-alarm-p95-response-time"]
+    assert (p95["MetricName"], p95["ExtendedStatistic"], p95["Threshold"]) == ("TargetResponseTime", "p95", 45.0)
+    sent = {p["AlarmName"]: p for p in first.params["PutMetricAlarm"]}  # metric-math alarms: check the request
+    rate = sent[f"vllm-{stack}-alarm-target-5xx-rate"]
+    assert [m["Id"] for m in rate["Metrics"]] == ["errors", "requests", "rate"] and rate["Threshold"] == 5.0
+    assert rate["Metrics"][0]["MetricStat"]["Metric"]["MetricName"] == "HTTPCode_Target_5XX_Count"
+    below = sent[f"vllm-{stack}-alarm-running-below-desired"]
+    assert {m["MetricStat"]["Metric"]["MetricName"] for m in below["Metrics"] if "MetricStat" in m} \
+        == {"RunningTaskCount", "DesiredTaskCount"}
+    assert below["EvaluationPeriods"] == 20 and below["Metrics"][0]["MetricStat"]["Metric"]["Namespace"] == "ECS/ContainerInsights"
+
+    body = json.loads(cw.get_dashboard(DashboardName=f"vllm-{stack}-dashboard")["DashboardBody"])
+    titles = [w["properties"]["title"] for w in body["widgets"]]
+    assert titles == ["Requests", "Response time (s)", "5xx", "Targets", "Tasks", "Alarms"]
+    latency = body["widgets"][1]["properties"]["metrics"]
+    assert [m[-1]["stat"] for m in latency] == ["p50", "p95", "p99"] and latency[0][3] == lb_dim
+    assert sorted(body["widgets"][-1]["properties"]["alarms"]) == sorted(a["AlarmArn"] for a in found.values())
+    url = state.settings["dashboard_url"]
+    assert url == f"https://us-east-1.console.aws.amazon.com/cloudwatch/home?region=us-east-1#dashboards/dashboard/vllm-{stack}-dashboard"
+    assert describe(state).dashboard == url  # the status flow's row
+
+    # the scan finds every new kind without the record
+    found_kinds = Counter(r.kind for r in scan(aws, stack)[0])
+    assert (found_kinds["scalable-target"], found_kinds["scaling-policy"], found_kinds["alarm"], found_kinds["alarm-topic"],
+            found_kinds["dashboard"]) == (1, 1, 4, 1, 1)
+    assert scan(aws, stack)[1] == []
+
+    # autoscaling moved the count: a redeploy of the same settings changes nothing, not even the count
+    ecs = aws.client("ecs")
+    ecs.update_service(cluster=f"vllm-{stack}-cluster", service=f"vllm-{stack}-service", desiredCount=2)
+    with recorded(monkeypatch) as again, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, cap, keep_failed=True)
+    changes = [c for c in again.calls if c in OURS]
+    assert changes == [], changes
+    assert ecs.describe_services(cluster=f"vllm-{stack}-cluster", services=[f"vllm-{stack}-service"])["services"][0]["desiredCount"] == 2
+
+    # changed thresholds and scaling: only what changed is put again
+    cap2 = scaled(alarms=AlarmSettings(topic_subscriptions=["ops@example.com"], p95_response_time_s=90),
+                  max_replicas=4, scaling=ScalingSettings(target_requests_per_minute=20))
+    with recorded(monkeypatch) as changed, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, cap2, keep_failed=True)
+    puts = Counter(c for c in changed.calls if c in OURS)
+    assert puts == {"RegisterScalableTarget": 1, "PutScalingPolicy": 1, "PutMetricAlarm": 1}, puts  # the p95 alarm only
+    assert aas.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[rid])["ScalableTargets"][0]["MaxCapacity"] == 4
+
+    run_teardown(stack, store)
+    assert leftovers(aws, stack) == [] and load_state(store, stack)[0] is None
+    assert aas.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[rid])["ScalableTargets"] == []
+    assert aas.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=rid)["ScalingPolicies"] == []
+    assert cw.describe_alarms(AlarmNamePrefix=f"vllm-{stack}-")["MetricAlarms"] == []
+    assert cw.list_dashboards(DashboardNamePrefix=f"vllm-{stack}-")["DashboardEntries"] == []
+    assert not [t for t in sns.list_topics()["Topics"] if f":vllm-{stack}-" in t["TopicArn"]]
+    run_teardown(stack, store)  # twice: every delete takes "already gone" as done
+    assert leftovers(aws, stack) == []
+
+
+def test_fixed_stack_has_alarms_and_dashboard_but_no_topic_or_scaling(store, small_model):
+    stack = "fixed-ops"
+    with pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, EcsGpuCapacity(ingress_cidrs=["10.1.0.0/16"]), keep_failed=True)
+    try:
+        kinds = Counter(r.kind for r in load_state(store, stack)[0].resources)
+        assert kinds["alarm"] == 4 and kinds["dashboard"] == 1
+        assert not kinds["alarm-topic"] and not kinds["scalable-target"] and not kinds["scaling-policy"]
+        cw = Aws(region="us-east-1").client("cloudwatch")
+        assert all(a["AlarmActions"] == [] for a in cw.describe_alarms(AlarmNamePrefix=f"vllm-{stack}-")["MetricAlarms"])
+        body = json.loads(cw.get_dashboard(DashboardName=f"vllm-{stack}-dashboard")["DashboardBody"])
+        assert body["widgets"][-1]["type"] == "alarm"
+    finally:
+        run_teardown(stack, store)
+    assert leftovers(Aws(region="us-east-1"), stack) == []
+
+
+def test_teardown_from_the_scan_alone_removes_scaling_alarms_topic_dashboard(store, small_model):
+    stack = "ops-norecord"
+    with pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, scaled(alarms=AlarmSettings(topic_subscriptions=["https://hooks.example.com/a"])),
+                   keep_failed=True)
+    from tasks.core.aws import aws_client
+    aws_client("s3").delete_object(Bucket=store.bucket_name, Key=f"stacks/{stack}/state.json")  # the record is lost
+    report = run_teardown(stack, store)
+    assert not report.had_state_record
+    deleted = {d.split(" ", 1)[0] for d in report.deleted}
+    assert {"scalable-target", "scaling-policy", "alarm", "alarm-topic", "dashboard"} <= deleted
+    assert leftovers(Aws(region="us-east-1"), stack) == []
+
+
+def test_a_failing_put_is_rolled_back_to_nothing(store, small_model, monkeypatch):
+    """Each new create (target, policy, topic, an alarm, the dashboard) failing once: the deploy rolls
+    back, and nothing of the stack is left."""
+    for i, op in enumerate(["RegisterScalableTarget", "PutScalingPolicy", "CreateTopic", "PutMetricAlarm", "PutDashboard"]):
+        stack = f"ops-fail-{i}"
+        with recorded(monkeypatch) as log:
+            log.fail_ops = {op: ["AccessDenied"]}
+            with pytest.raises(Exception, match="AccessDenied"):
+                run_deploy(stack, store, small_model, scaled(alarms=AlarmSettings(topic_subscriptions=["ops@example.com"])))
+        assert leftovers(Aws(region="us-east-1"), stack) == [], (op, leftovers(Aws(region="us-east-1"), stack))
+        assert load_state(store, stack)[0] is None
