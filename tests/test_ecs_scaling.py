@@ -11,11 +11,9 @@ from collections import Counter
 
 import pytest
 from pydantic import ValidationError
-from test_capacity import SMOLLM2_135M, SMOLLM2_BYTES
-from test_ecs_target import recorded, run_deploy, run_teardown, stage_fake
+from test_ecs_target import recorded, run_deploy, run_teardown, small_model, store  # noqa: F401 - fixtures
 
 from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity, ScalingSettings
-from blocks.model_store import ModelStore
 from flows.operations import describe
 from tasks.core.aws import Aws
 from tasks.core.naming import TAG_STACK
@@ -27,16 +25,6 @@ pytestmark = pytest.mark.integration
 # What this slice changes on a deploy (the ECS target's own steps re-put role policies and attributes as before)
 OURS = {"RegisterScalableTarget", "PutScalingPolicy", "PutMetricAlarm", "PutDashboard", "CreateTopic", "Subscribe",
         "ModifyLoadBalancerAttributes", "UpdateService", "DeleteScalingPolicy", "DeleteAlarms", "DeleteDashboards"}
-
-
-@pytest.fixture()
-def store(bucket):
-    return ModelStore(bucket_name=bucket)
-
-
-@pytest.fixture()
-def small_model(bucket):
-    return stage_fake(bucket, "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_135M, [SMOLLM2_BYTES])
 
 
 def scaled(**kw) -> EcsGpuCapacity:
@@ -82,7 +70,7 @@ def _tag_ok(tags: list[dict], stack: str) -> bool:
     return any(t["Key"] == TAG_STACK and t["Value"] == stack for t in tags)
 
 
-def test_autoscaling_alarms_topic_dashboard_shapes_redeploy_and_teardown(store, small_model, monkeypatch):
+def test_autoscaling_alarms_topic_dashboard_shapes_redeploy_and_teardown(store, small_model, monkeypatch):  # noqa: F811
     stack = "operate"
     cap = scaled(alarms=AlarmSettings(topic_subscriptions=["ops@example.com"], p95_response_time_s=45))
     with recorded(monkeypatch) as first, pytest.raises(DeployTimeout):
@@ -190,7 +178,7 @@ def test_autoscaling_alarms_topic_dashboard_shapes_redeploy_and_teardown(store, 
     assert leftovers(aws, stack) == []
 
 
-def test_fixed_stack_has_alarms_and_dashboard_but_no_topic_or_scaling(store, small_model):
+def test_fixed_stack_has_alarms_and_dashboard_but_no_topic_or_scaling(store, small_model):  # noqa: F811
     stack = "fixed-ops"
     with pytest.raises(DeployTimeout):
         run_deploy(stack, store, small_model, EcsGpuCapacity(ingress_cidrs=["10.1.0.0/16"]), keep_failed=True)
@@ -207,7 +195,7 @@ def test_fixed_stack_has_alarms_and_dashboard_but_no_topic_or_scaling(store, sma
     assert leftovers(Aws(region="us-east-1"), stack) == []
 
 
-def test_teardown_from_the_scan_alone_removes_scaling_alarms_topic_dashboard(store, small_model):
+def test_teardown_from_the_scan_alone_removes_scaling_alarms_topic_dashboard(store, small_model):  # noqa: F811
     stack = "ops-norecord"
     with pytest.raises(DeployTimeout):
         run_deploy(stack, store, small_model, scaled(alarms=AlarmSettings(topic_subscriptions=["https://hooks.example.com/a"])),
@@ -221,7 +209,7 @@ def test_teardown_from_the_scan_alone_removes_scaling_alarms_topic_dashboard(sto
     assert leftovers(Aws(region="us-east-1"), stack) == []
 
 
-def test_a_failing_put_is_rolled_back_to_nothing(store, small_model, monkeypatch):
+def test_a_failing_put_is_rolled_back_to_nothing(store, small_model, monkeypatch):  # noqa: F811
     """Each new create (target, policy, topic, an alarm, the dashboard) failing once: the deploy rolls
     back, and nothing of the stack is left."""
     for i, op in enumerate(["RegisterScalableTarget", "PutScalingPolicy", "CreateTopic", "PutMetricAlarm", "PutDashboard"]):
