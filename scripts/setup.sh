@@ -105,35 +105,31 @@ wait "$model_pid" || { echo "setup: building the default model failed (embedded/
 # Wheels only: nothing compiles. Cached in ~/.cache/vllm-pipeline keyed by the pins, like the
 # vLLM environment; about 10 s the first time.
 BFCL_PINS="bfcl-eval==2026.3.23 tenacity==9.2.1 overrides==7.7.0 filelock==3.20.0 tree-sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4"
-bfcl_key=$(echo "$BFCL_PINS" | sha256sum | cut -c1-12)
-BFCL_VENV=${BFCL_VENV:-$HOME/.cache/vllm-pipeline/venv-bfcl-$bfcl_key}
-if [ "$MODE" != demo ]; then
-  if [ ! -f "$BFCL_VENV/.complete" ]; then
-    echo "setup: installing BFCL's checker as the test oracle ($BFCL_VENV)"
-    rm -rf "$BFCL_VENV"
-    "$PY" -m venv "$BFCL_VENV"
-    # shellcheck disable=SC2086 # the pins are words
-    "$BFCL_VENV/bin/pip" install -q --no-compile --no-deps --only-binary=:all: $BFCL_PINS 2>&1 | grep -v "^WARNING: Location" || true
-    "$BFCL_VENV/bin/python" tests/bfcl_oracle.py --self-check
-    touch "$BFCL_VENV/.complete"
-  fi
-  ln -sfn "$BFCL_VENV" .venv-bfcl
-fi
 
 # The IAM policy linters (cloudsplaining, parliament) for tests/test_iam_policy.py (tests only). Their own
 # environment: cloudsplaining pins its own click and policy_sentry. Pure-Python wheels, cached like the others.
 IAMLINT_PINS="cloudsplaining==0.9.1 parliament==1.6.4"
-iamlint_key=$(echo "$IAMLINT_PINS" | sha256sum | cut -c1-12)
-IAMLINT_VENV=${IAMLINT_VENV:-$HOME/.cache/vllm-pipeline/venv-iamlint-$iamlint_key}
-if [ "$MODE" != demo ]; then
-  if [ ! -f "$IAMLINT_VENV/.complete" ]; then
-    echo "setup: installing the IAM policy linters ($IAMLINT_VENV)"
-    rm -rf "$IAMLINT_VENV"
-    "$PY" -m venv "$IAMLINT_VENV"
-    # shellcheck disable=SC2086 # the pins are words
-    "$IAMLINT_VENV/bin/pip" install -q --no-compile $IAMLINT_PINS 2>&1 | grep -v "^WARNING: Location" || true
-    "$IAMLINT_VENV/bin/python" -c "import cloudsplaining, parliament"
-    touch "$IAMLINT_VENV/.complete"
+
+# A test-only tool in its own environment: cached in ~/.cache/vllm-pipeline keyed by its pins (built once),
+# linked as LINK in the checkout.  tool_venv LINK WHAT "PIP ARGS" CHECK... (arguments to the env's python)
+tool_venv() {
+  local link=$1 what=$2 args=$3 key venv
+  shift 3
+  key=$(echo "$args" | sha256sum | cut -c1-12)
+  venv=$HOME/.cache/vllm-pipeline/venv-${link#.venv-}-$key
+  if [ ! -f "$venv/.complete" ]; then
+    echo "setup: installing $what ($venv)"
+    rm -rf "$venv"
+    "$PY" -m venv "$venv"
+    # shellcheck disable=SC2086 # the arguments are words
+    "$venv/bin/pip" install -q --no-compile $args 2>&1 | grep -v "^WARNING: Location" || true
+    "$venv/bin/python" "$@"
+    touch "$venv/.complete"
   fi
-  ln -sfn "$IAMLINT_VENV" .venv-iamlint
+  ln -sfn "$venv" "$link"
+}
+
+if [ "$MODE" != demo ]; then
+  tool_venv .venv-bfcl "BFCL's checker as the test oracle" "--no-deps --only-binary=:all: $BFCL_PINS" tests/bfcl_oracle.py --self-check
+  tool_venv .venv-iamlint "the IAM policy linters" "$IAMLINT_PINS" -c "import cloudsplaining, parliament"
 fi
