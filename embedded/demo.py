@@ -8,6 +8,9 @@ import os
 import sys
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry attempts from a closed machine
+# Prefect's own server starts inside the demo; its first start on a new machine migrates a fresh database,
+# which on 2 busy cores can take longer than Prefect's 20 s default (seen: the demo failing before stage).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from embedded.stack import embedded_stack  # noqa: E402
 
