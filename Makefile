@@ -12,8 +12,12 @@ setup-demo:
 demo: setup-demo
 	.venv/bin/python -m embedded.demo
 
+# Two workers (pytest-xdist): the vLLM tests run one after another on one, the rest beside them
+# (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 bench: setup
 	.venv/bin/python bench/stage.py

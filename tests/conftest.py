@@ -11,6 +11,22 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _runs_vllm(item: pytest.Item) -> bool:
+    return item.get_closest_marker("e2e") is not None or item.get_closest_marker("vllm") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (`--dist loadgroup`). Each module runs whole on one
+    worker (its module fixtures start once), and every test that runs vLLM is in one group, run one
+    after another on one worker: two vLLM servers would only slow each other on 2 cores, and they
+    share the local stacks' folders (~/.cache/vllm-pipeline). That group is the longest chain of the
+    run, so under workers it is queued first; everything else runs on the other worker beside it."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("vllm" if _runs_vllm(item) else item.path.stem))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not _runs_vllm(item))  # stable: the order within each group is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness

@@ -14,7 +14,7 @@ import pytest
 from embedded.hub_server import HubRepo, LocalHub
 from embedded.model_kit import REPO_ROOT, ensure_default_model, vllm_python
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 
 def test_moto_server_reached_through_endpoint_variable_only(monkeypatch):

@@ -14,7 +14,7 @@ from embedded.model_kit import REPO_ROOT, vllm_python
 from tasks.core.aws import aws_client
 from tasks.core.s3 import Manifest, ManifestFile, utc_now, write_manifest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 ENTRYPOINT = REPO_ROOT / "images" / "vllm" / "entrypoint.py"
 
 
