@@ -17,7 +17,7 @@ demo: setup-demo
 TEST_WORKERS ?= 2
 
 test: setup
-	.venv/bin/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	.venv/bin/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --no-loadscope-reorder)
 
 bench: setup
 	.venv/bin/python bench/stage.py

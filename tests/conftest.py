@@ -11,20 +11,35 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _runs_vllm(item: pytest.Item) -> bool:
-    return item.get_closest_marker("e2e") is not None or item.get_closest_marker("vllm") is not None
+# Modules whose tests run vLLM (marked `e2e` or `vllm`; tests/test_setup.py checks this list).
+VLLM_MODULES = frozenset({
+    "test_batch", "test_batch_offline", "test_embedded", "test_entrypoint", "test_gate_numerics_e2e",
+    "test_hardening_e2e", "test_local_target_e2e", "test_lora_e2e", "test_pipeline_e2e", "test_ui_artifacts_e2e",
+    "test_worker_e2e",
+})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`). Each module runs whole on one
-    worker (its module fixtures start once), and every test that runs vLLM is in one group, run one
-    after another on one worker: two vLLM servers would only slow each other on 2 cores, and they
-    share the local stacks' folders (~/.cache/vllm-pipeline). That group is the longest chain of the
-    run, so under workers it is queued first; everything else runs on the other worker beside it."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("vllm" if _runs_vllm(item) else item.path.stem))
+    """Under `make test`'s workers the vLLM tests come first: they are the longest chain (see below)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: not _runs_vllm(item))  # stable: the order within each group is kept
+        items.sort(key=lambda item: item.path.stem not in VLLM_MODULES)  # stable: the order within each is kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two pytest-xdist workers. Each module runs whole on one worker (its module
+    fixtures start once), and the modules that run vLLM are one unit, run one after another on one
+    worker: two vLLM servers would only slow each other on 2 cores, and they share the local stacks'
+    folders (~/.cache/vllm-pipeline). That unit is queued first; the other modules, which mostly wait
+    on the moto, Prefect or buildah servers, run on the other worker beside it. (xdist's own
+    `xdist_group` marks do nothing under pytest 9: xdist 3.8 renames a node id pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class VllmFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "vllm" if Path(module).stem in VLLM_MODULES else module
+
+    return VllmFirst(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

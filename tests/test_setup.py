@@ -46,3 +46,13 @@ def test_setup_installs_the_lock_without_dependencies():
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert re.search(r'pip" install [^\n]*--no-deps -r "\$lock"', setup)
     assert "lock=images/vllm/requirements-local.lock" in setup
+
+
+def test_every_module_that_runs_vllm_is_in_the_vllm_unit():
+    """`make test`'s scheduler (tests/conftest.py) runs the modules in VLLM_MODULES one after another on
+    one worker; a module marked e2e or vllm left out of it would start a second server beside them."""
+    from conftest import VLLM_MODULES
+
+    marked = {p.stem for p in (REPO / "tests").glob("test_*.py")
+              if re.search(r"pytest\.mark\.(e2e|vllm)\b", p.read_text())}
+    assert marked == VLLM_MODULES
