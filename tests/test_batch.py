@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
+from conftest import DEFAULT_STACK, deploy_default
 
 from blocks.model_store import ModelStore
-from blocks.vllm_server import VllmServerSettings
 from tasks.batch.online import BatchSettings, finalize, parse_line, write_shard
 from tasks.core.aws import aws_client
 
@@ -91,40 +91,20 @@ def _exactly_once(summary, expected_ids: set[str]) -> tuple[list[dict], list[dic
 
 
 @pytest.fixture(scope="module")
-def batch_model(local_aws):
-    from prefect import flow
-
-    from blocks.model_source import ModelSource
-    from embedded.hub_server import HubRepo, LocalHub
-    from embedded.local_aws import patched_env
-    from embedded.model_kit import ensure_default_model
-    from embedded.stack import DEFAULT_REPO_ID
-    from flows.stage import stage
-    from tasks.core.state import ModelRef
-    from tasks.stage.transfer import TransferSettings
-
-    with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
-        staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
-    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=f"s3://{staged.bucket}/{staged.prefix}")
+def batch_model(staged_default):
+    return staged_default
 
 
 def _deploy(stack, model):
-    from prefect import flow
-
-    from flows.deploy import deploy
-
-    return flow(name="deploy")(lambda: deploy(stack, ModelStore(), VllmServerSettings(enforce_eager=True), model, ready_timeout_s=600))()
+    assert stack == DEFAULT_STACK
+    return deploy_default(model)
 
 
 @pytest.fixture(scope="module")
-def stack(batch_model):
-    from prefect import flow
-
-    from flows.teardown import teardown
-
-    _deploy("e2e-batch", batch_model)
-    yield "e2e-batch"
-    flow(name="teardown")(lambda: teardown("e2e-batch", ModelStore()))()
+def stack(default_stack, staged_default):
+    """The session's shared default server (tests/conftest.py)."""
+    deploy_default(staged_default)
+    return default_stack
 
 
 def _put(bucket: str, key: str, data: bytes) -> str:

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from conftest import DEFAULT_STACK, deploy_default
 
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
@@ -22,24 +23,7 @@ from tasks.teardown.sweep import leftovers
 from tasks.validation.suite import load_gate, load_suite, run_case
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def staged_default(local_aws):
-    """The default model, staged into moto S3 through the local hub by the stage flow's body."""
-    from prefect import flow
-
-    from blocks.model_source import ModelSource
-    from embedded.hub_server import HubRepo, LocalHub
-    from embedded.local_aws import patched_env
-    from embedded.model_kit import ensure_default_model
-    from embedded.stack import DEFAULT_REPO_ID
-    from flows.stage import stage
-    from tasks.stage.transfer import TransferSettings
-
-    with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
-        staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
-    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=f"s3://{staged.bucket}/{staged.prefix}")
+STRICT = DEFAULT_STACK  # the shared server: eager, --tool-strict-level parameter
 
 
 def _deploy(stack: str, model: ModelRef, settings: VllmServerSettings):
@@ -55,23 +39,22 @@ def _teardown(stack: str):
 
 
 @pytest.fixture(scope="module")
-def strict_stack(staged_default):
-    state = _deploy("e2e-strict", staged_default, VllmServerSettings(enforce_eager=True))
-    yield state
-    _teardown("e2e-strict")
+def strict_stack(default_stack, staged_default):
+    """The session's shared default server (tests/conftest.py), as it runs now."""
+    return deploy_default(staged_default)
 
 
 def test_deploy_records_endpoint_and_second_deploy_is_a_noop(strict_stack, staged_default):
-    state, _ = load_state(ModelStore(), "e2e-strict")
+    state, _ = load_state(ModelStore(), STRICT)
     assert state.status == "running" and state.endpoint.url == strict_stack.endpoint.url
     assert state.endpoint.api_key_secret.startswith("arn:aws:secretsmanager:")
     assert is_our_server(state.endpoint.pid)
-    again = _deploy("e2e-strict", staged_default, VllmServerSettings(enforce_eager=True))
+    again = deploy_default(staged_default)
     assert again.endpoint.pid == strict_stack.endpoint.pid
 
 
 def test_validate_semantic_passes_the_default_gate_and_reports_what_fails(strict_stack):
-    report = validate(stack="e2e-strict", warmup_requests=4, modes=["required", "named", "none"])  # auto: test_lora_e2e
+    report = validate(stack=STRICT, warmup_requests=4, modes=["required", "named", "none"])  # auto: test_lora_e2e
     assert report.passed
     assert {c.name for c in report.checks} == {"readiness", "warm-up", "smoke", "streaming", "tool-calling", "latency"}
     m = report.matrix
@@ -94,7 +77,7 @@ def test_latency_threshold_exceeded_fails_the_run(strict_stack):
     from tasks.validation.checks import LatencyThresholds
 
     with pytest.raises(ValidationFailed, match=r"latency .*ttft p95 .* > threshold 1 ms"):
-        validate(stack="e2e-strict", warmup_requests=2, thresholds=LatencyThresholds(ttft_p95_ms=1), modes=["none"])
+        validate(stack=STRICT, warmup_requests=2, thresholds=LatencyThresholds(ttft_p95_ms=1), modes=["none"])
 
 
 def test_wrong_api_key_configured_is_a_clear_failure(strict_stack):
@@ -123,7 +106,7 @@ def test_unsatisfiable_tool_case_is_a_failed_case_not_a_crash(strict_stack):
 @pytest.fixture(scope="module")
 def loose_stack(staged_default, strict_stack):
     """The same model served without --tool-strict-level (after the strict one: one server at a time)."""
-    _teardown("e2e-strict")
+    _teardown(STRICT)
     state = _deploy("e2e-loose", staged_default, VllmServerSettings(enforce_eager=True, tool_strict_level=None))
     yield state
     _teardown("e2e-loose")
