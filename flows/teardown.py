@@ -40,8 +40,7 @@ def _lifetime(state: StackState | None) -> tuple[float | None, float | None]:
         return None, None
     hours = (datetime.now(timezone.utc) - datetime.fromisoformat(state.created_at)).total_seconds() / 3600
     price = float((state.settings or {}).get("price_per_hour") or 0)
-    count = int((state.settings or {}).get("desired_count") or (1 if state.target == "ecs" else 0))
-    return round(hours, 3), round(hours * price * count, 2)
+    return round(hours, 3), round(state.replica_hours() * price, 2)  # each count it was set to, while it held (0 at zero)
 
 
 def _delete_model(store: ModelStore, uri: str) -> int:

@@ -9,6 +9,12 @@ Defaults changed from prefect-aws's: Fargate, 1 vCPU / 4 GiB (the flows stream a
 not compute), CloudWatch logs on, task definitions matched by family instead of one per run, and
 the container named for the project. The image comes from the deployment (prefect.yaml's
 `vllm-ecs` pool job variables: the flow-runtime image the build-images flow pushed).
+
+Two variables are required and have no default, because only the account has them: `execution_role_arn`
+(Fargate pulls the image from ECR and writes the CloudWatch logs with it; prefect-aws refuses logs without
+it) and `task_role_arn` (the flow runner's role, with images/runtime/runner-iam-policy-*.json). Set them
+as the pool's defaults (the work pool's page in the Prefect UI) or as job variables; until then Prefect
+refuses to create an ECS flow run, naming the variable, instead of the worker failing every run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ DEFAULTS = {
     "auto_deregister_task_definition": False,
 }
 
+REQUIRED = {
+    "execution_role_arn": "The task execution role: pulls the flow-runtime image from ECR and writes the CloudWatch "
+                          "logs (required: logs are on).",
+    "task_role_arn": "The flow runner's role: the three managed policies images/runtime/runner-iam-policy-*.json.",
+}
+
 
 def template() -> dict:
     base = ECSWorker.get_default_base_job_template()
@@ -39,6 +51,9 @@ def template() -> dict:
     for name, value in DEFAULTS.items():
         props[name]["default"] = value
     props["env"]["default"] = {"PREFECT_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    for name, why in REQUIRED.items():
+        props[name] = {"type": "string", "title": props[name]["title"], "description": why}
+    base["variables"]["required"] = sorted({*base["variables"].get("required", []), *REQUIRED})
     return base
 
 

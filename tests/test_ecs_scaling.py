@@ -7,7 +7,9 @@ moto runs no containers: the deploys keep the stack (keep_failed) past the wait'
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
@@ -16,8 +18,9 @@ from test_ecs_target import recorded, run_deploy, run_teardown, small_model, sto
 from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity, ScalingSettings
 from flows.operations import describe
 from tasks.core.aws import Aws
+from tasks.core.errors import PipelineInputError
 from tasks.core.naming import TAG_STACK
-from tasks.core.state import load_state
+from tasks.core.state import Resource, StackState, load_state, load_traffic, save_state
 from tasks.targets.ecs.service import DeployTimeout
 from tasks.teardown.sweep import leftovers, scan
 
@@ -46,7 +49,6 @@ def test_replica_bounds_are_validated():
         (dict(max_capacity=2, max_replicas=3), "exceeds max_capacity"),
         (dict(max_capacity=4, min_replicas=2, max_replicas=3), "desired_count .1. is outside"),
         (dict(max_capacity=4, desired_count=4, max_replicas=3), "outside"),
-        (dict(max_capacity=3, desired_count=0, min_replicas=0, max_replicas=3), "min_replicas=0 with autoscaling"),
         (dict(max_capacity=3, max_replicas=3, deregistration_delay_s=60), "scale-in would stop tasks"),
         (dict(max_replicas=0), "greater than or equal to 1"),
         (dict(min_replicas=-1), "greater than or equal to 0"),
@@ -59,6 +61,7 @@ def test_replica_bounds_are_validated():
             EcsGpuCapacity(**kw)
     EcsGpuCapacity(max_capacity=3, max_replicas=3, deregistration_delay_s=900, request_timeout_s=900)
     EcsGpuCapacity(deregistration_delay_s=30)  # a fixed service may drain shorter: nothing scales it in
+    assert EcsGpuCapacity(max_capacity=3, min_replicas=0, max_replicas=3).replicas == (0, 3)  # scale to zero between jobs
     ok = AlarmSettings(topic_subscriptions=["ops@example.com", "https://hooks.example.com/x"])
     assert len(ok.topic_subscriptions) == 2
 
@@ -220,3 +223,115 @@ def test_a_failing_put_is_rolled_back_to_nothing(store, small_model, monkeypatch
                 run_deploy(stack, store, small_model, scaled(alarms=AlarmSettings(topic_subscriptions=["ops@example.com"])))
         assert leftovers(Aws(region="us-east-1"), stack) == [], (op, leftovers(Aws(region="us-east-1"), stack))
         assert load_state(store, stack)[0] is None
+
+
+# ------------------------------------------------------------------------------------- scale to zero, idle
+
+
+@pytest.fixture()
+def served(monkeypatch):
+    """moto runs no containers: the wait for a serving stack (deploy, scale up) returns at once; its calls are kept."""
+    from tasks.targets.ecs import service as svc
+
+    waits: list[tuple] = []
+    monkeypatch.setattr(svc, "wait_until_ready", lambda *a, **k: waits.append(a))
+    return waits
+
+
+def _service(aws: Aws, stack: str) -> dict:
+    return aws.client("ecs").describe_services(cluster=f"vllm-{stack}-cluster", services=[f"vllm-{stack}-service"])["services"][0]
+
+
+def _floor(aws: Aws, stack: str) -> tuple[int, int]:
+    rid = f"service/vllm-{stack}-cluster/vllm-{stack}-service"
+    aas = aws.client("application-autoscaling")
+    [t] = aas.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[rid])["ScalableTargets"]
+    return t["MinCapacity"], t["MaxCapacity"]
+
+
+def test_scale_sets_the_count_and_the_autoscaling_floor_and_a_redeploy_restores_them(store, small_model, served):  # noqa: F811
+    from prefect import flow
+
+    from flows.scale import scale_stack
+
+    stack, aws = "scaler", Aws(region="us-east-1")
+    cap = scaled(alarms=AlarmSettings(enabled=False), dashboard=False)
+    run_deploy(stack, store, small_model, cap)
+    assert load_state(store, stack)[0].scale.replicas == 1 and len(served) == 1
+    run = flow(name="t-scale")(scale_stack)
+    try:
+        down = run(store, stack, 0)
+        assert (down.before, down.after) == (1, 0) and len(served) == 1  # no wait going down
+        assert _service(aws, stack)["desiredCount"] == 0 and _floor(aws, stack) == (0, 3)  # autoscaling cannot undo it
+        state = load_state(store, stack)[0]
+        assert state.at_zero and state.scale.by == "scale" and describe(state).price_per_hour == 0
+        up = run(store, stack, 2)
+        assert _service(aws, stack)["desiredCount"] == 2 and _floor(aws, stack) == (2, 3)
+        assert len(served) == 2 and served[-1][5] == state.endpoint.url  # waited until it serves through the load balancer
+        with pytest.raises(PipelineInputError, match="at most 3 replica"):
+            run(store, stack, 4)
+        assert up.after == 2 and load_state(store, stack)[0].scale.replicas == 2
+        run(store, stack, 0)
+        run_deploy(stack, store, small_model, cap)  # a redeploy serves again, with the block's bounds
+        assert _service(aws, stack)["desiredCount"] == 1 and _floor(aws, stack) == (1, 3)
+        assert load_state(store, stack)[0].scale.replicas == 1
+    finally:
+        run_teardown(stack, store)
+    assert nothing_left_of(stack)
+
+
+def nothing_left_of(stack: str) -> bool:
+    return leftovers(Aws(region="us-east-1"), stack) == []
+
+
+def _ecs_record(model_store, stack: str, hours_ago: float, replicas: int = 1) -> str:
+    """An ECS stack's state record as a deploy (or a scale) `hours_ago` leaves it, with its load
+    balancer's ARN: what reap reads. Its resources are not made (the deploy is tested above): the
+    requests are what this is about, put into CloudWatch as the load balancer would."""
+    then = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+    lb = f"arn:aws:elasticloadbalancing:us-east-1:123456789012:loadbalancer/app/vllm-{stack}-alb/{os.urandom(8).hex()}"
+    state = StackState(stack=stack, target="ecs", status="running", created_at=then.isoformat(), ttl_hours=1,
+                       settings={"region": "us-east-1", "instance_type": "g5.xlarge", "price_per_hour": 1.0},
+                       resources=[Resource(kind="load-balancer", id=lb, region="us-east-1")])
+    state.set_replicas(replicas, "deploy", now=then)
+    save_state(model_store, state, None)
+    return lb
+
+
+def test_reap_and_status_go_by_the_load_balancers_request_count(store):  # noqa: F811
+    from prefect import flow
+
+    from flows.operations import reap_stacks, stack_statuses
+
+    lb = _ecs_record(store, "reap-busy", 2)  # each deployed 2 h ago, TTL 1 h
+    _ecs_record(store, "reap-quiet", 2)
+    _ecs_record(store, "reap-asleep", 2, replicas=0)  # scaled to zero by design
+    now = datetime.now(timezone.utc)
+    dims = [{"Name": "LoadBalancer", "Value": lb.split(":loadbalancer/", 1)[1]}]
+    Aws(region="us-east-1").client("cloudwatch").put_metric_data(Namespace="AWS/ApplicationELB", MetricData=[
+        {"MetricName": "RequestCount", "Dimensions": dims, "Value": v, "Unit": "Count", "Timestamp": now - timedelta(minutes=m)}
+        for v, m in ((7, 90), (3, 50), (2, 10))])
+
+    rows = {r.stack: r for r in flow(name="t-status")(stack_statuses)(store)}
+    assert rows["reap-busy"].requests_last_hour == 5 and rows["reap-quiet"].requests_last_hour == 0  # the 7 are 90 min old
+    seen = datetime.fromisoformat(rows["reap-busy"].last_request_at)
+    assert now - timedelta(minutes=10) <= seen <= now - timedelta(minutes=8)  # the end of the last busy minute
+    assert rows["reap-busy"].idle_hours < 0.2 and rows["reap-quiet"].idle_hours >= 2
+    assert (rows["reap-asleep"].replicas, rows["reap-asleep"].price_per_hour, rows["reap-busy"].price_per_hour) == (0, 0, 1)
+    assert load_traffic(store, "reap-busy")[0].last_request_at == rows["reap-busy"].last_request_at  # kept beside the record
+
+    dry = {v.stack: v for v in flow(name="t-reap")(reap_stacks)(store, dry_run=True)}
+    assert not dry["reap-busy"].expired and dry["reap-quiet"].expired
+    asleep = dry["reap-asleep"]
+    assert not asleep.expired and asleep.at_zero and asleep.limit_hours == 168  # at zero by design: its own limit
+    assert all(load_state(store, s)[0] is not None for s in dry)  # a dry run tears nothing down
+    flow(name="t-reap")(reap_stacks)(store)
+    assert [s for s in dry if load_state(store, s)[0] is not None] == ["reap-asleep", "reap-busy"]
+
+    state, etag = load_state(store, "reap-asleep")
+    state.set_replicas(0, "scale", zero_ttl_hours=1)  # its own limit, now passed (as the scale flow sets it)
+    save_state(store, state, etag)
+    expired = [v.stack for v in flow(name="t-reap")(reap_stacks)(store) if v.expired]
+    assert expired == ["reap-asleep"] and load_state(store, "reap-asleep")[0] is None
+    assert load_traffic(store, "reap-asleep")[1] is None  # what was kept beside the record went with it
+    run_teardown("reap-busy", store)

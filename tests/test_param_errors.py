@@ -23,7 +23,7 @@ from tasks.core.errors import InputCheckedFlow, PipelineInputError
 REPO = Path(__file__).resolve().parent.parent
 
 # a valid value for each required parameter / model field, so that only the bad value is wrong
-REQUIRED = {"stack": "ok", "input_uri": "s3://b/in/x.jsonl"}
+REQUIRED = {"stack": "ok", "input_uri": "s3://b/in/x.jsonl", "replicas": 1}
 VALID_MODELS = {
     "EcsBatchJob": {"cluster": "c", "image_uri": "1.dkr.ecr.us-east-1.amazonaws.com/vllm:t", "capacity_provider": "gpu",
                     "execution_role_arn": "arn:aws:iam::123456789012:role/exec",

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
@@ -124,7 +132,7 @@ def test_local_target_reads_api_key_with_given_credentials(block_only_credential
     store, arn = block_only_credentials
     seen = {}
 
-    def fake_start(stack, settings, model_uri, api_key, adapters, index):
+    def fake_start(stack, settings, model_uri, api_key, adapters, index, port=None):
         seen["key"] = api_key
         return 1, "http://127.0.0.1:1", "/tmp/log"
 
@@ -190,6 +198,223 @@ def test_own_cluster_gets_our_default_strategy_and_loses_only_ours(local_aws):
     found = aws.client("ecs").describe_clusters(clusters=[cluster])["clusters"][0]
     assert found["capacityProviders"] == [f"{stack}-other"]
     assert found.get("defaultCapacityProviderStrategy", []) == []
+
+
+# ------------------- finding 7: the model cache is a host folder, kept across task starts on the host
+
+REPO = Path(__file__).resolve().parent.parent
+_ROLE = "arn:aws:iam::123456789012:role/"
+
+
+def _service_td(**kw) -> dict:
+    return ecs_service.task_definition("cachevol", VllmServerSettings(served_model_name="m"), EcsGpuCapacity(), "g6.xlarge",
+                                       "img", "s3://b/m", _ROLE + "e", _ROLE + "t", {}, **kw)
+
+
+def _batch_td() -> dict:
+    job = ecs_batch.EcsBatchJob(cluster="c", image_uri="img", capacity_provider="p", execution_role_arn=_ROLE + "e",
+                                task_role_arn=_ROLE + "t")
+    return ecs_batch.task_definition("cachevol", job, VllmServerSettings(served_model_name="m"), "s3://b/m")
+
+
+def test_task_definitions_mount_the_host_model_cache(local_aws):
+    """The service and the offline batch task mount the host's cache folder where the entrypoint caches
+    (MODEL_CACHE_DIR), so a restart, a rollout or the batch task beside the service finds the copy."""
+    for td in (_service_td(), _batch_td()):
+        assert td["volumes"] == [{"name": "model-cache", "host": {"sourcePath": "/var/lib/vllm-pipeline/models"}}]
+        container = td["containerDefinitions"][0]
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        assert container["mountPoints"] == [{"sourceVolume": "model-cache", "containerPath": env["MODEL_CACHE_DIR"],
+                                             "readOnly": False}]
+    # registered as given; a change of the host folder alone makes a new revision, the same definition none
+    aws = Aws(region=REGION)
+    wanted = _service_td()
+    elsewhere = json.loads(json.dumps(wanted))
+    elsewhere["volumes"][0]["host"]["sourcePath"] = "/mnt/elsewhere"
+    ecs_service.register_task_definition(aws, elsewhere)
+    arn, created = ecs_service.register_task_definition(aws, wanted)
+    assert created
+    assert aws.client("ecs").describe_task_definition(taskDefinition=arn)["taskDefinition"]["volumes"] == wanted["volumes"]
+    assert ecs_service.register_task_definition(aws, wanted) == (arn, False)
+
+
+def test_gpu_host_disk_and_user_data_hold_the_model_cache():
+    """The root EBS volume (where Docker's images and the cache folder live) holds two copies of the
+    model (the one served and the next revision, or the batch task's model) plus the OS and two images;
+    the block's root_volume_gib is the floor. User data makes the folder, owned by the image's user."""
+    small = _lt_data("disk", cache_bytes=270_000_000)  # SmolLM2-135M: the block's 200 GiB holds it
+    assert small["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 200
+    # a 70B model in bf16 (140 GB = 130.4 GiB): 2 copies (261 GiB) + 60 GiB for the OS and two vLLM images
+    assert _lt_data("disk", cache_bytes=140 * 10**9)["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 321
+    user = re.search(r"^USER (\d+):(\d+)$", (REPO / "images" / "vllm" / "Dockerfile").read_text(), re.M)
+    assert f"install -d -m 0755 -o {user[1]} -g {user[2]} /var/lib/vllm-pipeline/models" in \
+        base64.b64decode(small["UserData"]).decode()
+
+
+def test_deploy_sizes_the_host_disk_from_the_staged_model(local_aws, bucket, monkeypatch):
+    """The deploy reads the staged manifests (model and adapters) and sizes the launch template's disk for them."""
+    from test_ecs_target import stage_fake
+
+    import flows.deploy as deploy_mod
+
+    model = stage_fake(bucket, "acme/big", {}, [100 * 10**9, 40 * 10**9])
+    adapter = stage_fake(bucket, "acme/adapter", {}, [2 * 10**9])
+    seen = {}
+
+    def capture(aws, stack, data):
+        seen["size"] = data["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(gpu_hosts, "ensure_launch_template", capture)
+    monkeypatch.setattr(deploy_mod, "rollback", lambda *a, **kw: [])
+    monkeypatch.setattr(deploy_mod, "plan_task", lambda *a, **kw: None)
+    monkeypatch.setattr(deploy_mod, "choose_instance", lambda plan, cap, s: ("g6.xlarge", s, 1.0))
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/vllm-pipeline/vllm@sha256:" + "ab" * 32
+    with pytest.raises(RuntimeError, match="stop here"):
+        flow(name="t-disk")(deploy_mod.deploy_to_ecs)("cachedisk", ModelStore(bucket_name=bucket),
+                                                      VllmServerSettings(served_model_name="m"), EcsGpuCapacity(), model,
+                                                      image, adapters={"ad": adapter})
+    assert seen["size"] == 325  # 142 GB = 132.25 GiB: 2 copies (265 GiB) + 60 GiB
+
+
+@pytest.fixture()
+def small_staged(bucket, tmp_path):
+    """A three-file model staged by its manifest: enough to count what a start downloads."""
+    from test_entrypoint import _stage
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    _stage(bucket, folder, "models/acme/small/abc")
+    return f"s3://{bucket}/models/acme/small/abc", folder
+
+
+def _counting_s3():
+    gets: list[str] = []
+    s3 = aws_client("s3")
+    s3.meta.events.register("before-parameter-build.s3.GetObject",
+                            lambda params, **_: gets.append(params["Key"].rsplit("/", 1)[-1]))
+    return s3, gets
+
+
+def _files(gets: list[str]) -> list[str]:
+    return sorted(g for g in gets if g != "_manifest.json")
+
+
+def test_entrypoint_reuses_the_hosts_copy_and_refetches_a_damaged_file(small_staged, tmp_path):
+    from test_entrypoint import _load_entrypoint
+
+    uri, folder = small_staged
+    cache = tmp_path / "host-models"
+    s3, gets = _counting_s3()
+    target = _load_entrypoint().fetch(uri, cache, s3)
+    assert _files(gets) == ["config.json", "model.safetensors", "tokenizer.json"]
+    gets.clear()
+    assert _load_entrypoint().fetch(uri, cache, s3) == target  # the next task on this host: nothing downloaded
+    assert _files(gets) == []
+    time.sleep(0.05)  # the kernel's file clock is coarse (a few ms): the damage below is a later write
+    weights = target / "model.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, other bytes
+    (target / "tokenizer.json").write_text("{")  # truncated
+    gets.clear()
+    _load_entrypoint().fetch(uri, cache, s3)
+    assert _files(gets) == ["model.safetensors", "tokenizer.json"]  # only the damaged files again
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (target / name).read_bytes() == (folder / name).read_bytes()
+    gets.clear()
+    _load_entrypoint().fetch(uri, cache, s3)
+    assert _files(gets) == []
+
+
+_TWO_STARTS = """
+import importlib.util, json, sys, time
+from pathlib import Path
+import boto3
+spec = importlib.util.spec_from_file_location("entrypoint", sys.argv[1])
+ep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ep)
+s3, gets = boto3.client("s3"), []
+def slow(params, **_):  # every GET takes 0.3 s: the two starts overlap for sure
+    gets.append(params["Key"].rsplit("/", 1)[-1])
+    time.sleep(0.3)
+s3.meta.events.register("before-parameter-build.s3.GetObject", slow)
+Path(sys.argv[4]).touch()
+while not Path(sys.argv[5]).exists():
+    time.sleep(0.005)
+print(json.dumps({"target": str(ep.fetch(sys.argv[2], Path(sys.argv[3]), s3)), "gets": gets}))
+"""
+
+
+def test_two_entrypoints_on_one_host_fetch_once(small_staged, tmp_path):
+    """Two tasks starting together on one host (the batch task beside the service, a rollout): one
+    fetches, the other waits for its lock and uses the verified copy; neither damages the other's."""
+    from test_entrypoint import ENTRYPOINT, _load_entrypoint
+
+    uri, folder = small_staged
+    cache, go = tmp_path / "host-models", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_STARTS, str(ENTRYPOINT), uri, str(cache), str(tmp_path / f"ready{i}"),
+                               str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    results = [json.loads(out) for out, _ in outs]
+    assert results[0]["target"] == results[1]["target"]
+    assert _files(results[0]["gets"] + results[1]["gets"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert any("waiting" in err for _, err in outs)  # they did overlap: one waited for the other's fetch
+    target = Path(results[0]["target"])
+    for p in folder.iterdir():
+        assert (target / p.name).read_bytes() == p.read_bytes()
+    s3, gets = _counting_s3()
+    _load_entrypoint().fetch(uri, cache, s3)  # and the copy they left is verified: the next start fetches nothing
+    assert _files(gets) == []
+
+
+def test_model_cache_makes_room_from_the_least_recently_used_models(tmp_path):
+    """A host keeps what it served until the disk is short: then the least recently used other models go,
+    never the one being fetched and never one another task is fetching (holds its lock)."""
+    import fcntl
+
+    from test_entrypoint import _load_entrypoint
+
+    entry = _load_entrypoint()
+    cache = tmp_path / "models"
+    keys = ["b/models/busy/1", "b/models/old/1", "b/models/new/1", "b/models/wanted/1"]
+    for age, key in enumerate(keys):
+        (cache / key).mkdir(parents=True)
+        (cache / key / "model.safetensors").write_bytes(b"x" * 10)
+        with entry.cache_lock(cache, key, f"s3://{key}"):
+            pass
+        os.utime(entry.lock_path(cache, key), (1_000_000 + age, 1_000_000 + age))  # busy oldest, wanted newest
+
+    def free() -> int:
+        return entry.RESERVE_BYTES + sum(10 for k in keys if not (cache / k).exists())
+
+    with open(entry.lock_path(cache, keys[0])) as busy:
+        fcntl.flock(busy, fcntl.LOCK_EX)  # another task is fetching it right now
+        assert entry.make_room(cache, 10, keep=keys[3], free=free) == [keys[1]]
+        assert [k for k in keys if (cache / k).exists()] == [keys[0], keys[2], keys[3]]
+        # more than can be freed: everything else evictable goes, the wanted and the busy one stay
+        assert entry.make_room(cache, 30, keep=keys[3], free=free) == [keys[2]]
+        assert [k for k in keys if (cache / k).exists()] == [keys[0], keys[3]]
+    assert entry.make_room(cache, 0, keep=keys[3], free=free) == []  # room enough: nothing goes
+
+
+def test_unwritable_cache_folder_falls_back_inside_the_container(tmp_path, capfd):
+    """A host folder the image's user cannot write (a shared cluster's hosts without our user data: Docker
+    makes the folder root's) costs the warm cache, not the start; the log says what to fix."""
+    from test_entrypoint import _load_entrypoint
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    root = _load_entrypoint().usable_cache_root(blocked / "models")
+    assert root != blocked / "models" and root.is_dir() and os.access(root, os.W_OK)
+    err = capfd.readouterr().err
+    assert "not writable" in err and "/var/lib/vllm-pipeline/models" in err
 
 
 # ------------------------------- finding 8: only "not found" means no previous task definition
@@ -306,7 +531,7 @@ def test_batch_and_service_reservations_fit_one_host():
 def _lt_data(stack, **change):
     cap = EcsGpuCapacity(**change.pop("capacity", {}))
     kw = dict(ami="ami-12345678", cluster="c", profile_arn="arn:aws:iam::123456789012:instance-profile/p",
-              host_sg="sg-1", instance_type="g6.xlarge", stack=stack)
+              host_sg="sg-1", instance_type="g6.xlarge", stack=stack, cache_bytes=270_000_000)
     kw.update(change)
     return gpu_hosts.launch_template_data(cap, **kw)
 

@@ -3,6 +3,8 @@
 1. Fetch the staged model (and LoRA adapters) from S3 by their `_manifest.json` into a
    local cache, verifying every file's sha256; a warm cache is checked, not re-downloaded.
    (With MODEL_LOAD_FORMAT=runai_streamer the weights stream from s3:// instead.)
+   On ECS the cache is a folder of the GPU host, mounted into every task (fetch() says how
+   tasks share it); see docs/ecs.md.
 2. exec the vLLM OpenAI server with the flags the deploy step built from the
    VllmServerSettings block. The API key arrives as VLLM_API_KEY (a Secrets Manager
    reference on ECS), never as a flag.
@@ -14,7 +16,7 @@
 
 Environment:
   MODEL_URI          s3://bucket/prefix of a staged model (the folder holding _manifest.json)
-  MODEL_CACHE_DIR    where models are cached (default /models)
+  MODEL_CACHE_DIR    where models are cached (default /models; on ECS the host's folder)
   VLLM_ARGS          JSON list of server flags; the token {model} is replaced by the model path
   LORA_ADAPTERS      JSON object {served name: s3 URI of a staged adapter}
   LORA_INDEX_URI     s3:// URI of the stack's adapter index (same JSON object); when the object
@@ -30,13 +32,17 @@ Only the standard library and boto3: it runs before the server, in the server's 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -44,6 +50,11 @@ import boto3
 from botocore.config import Config
 
 MANIFEST = "_manifest.json"
+MARKER = ".verified.json"  # in a model's folder: the manifest it was verified against, and each file's stat then
+LOCKS = ".locks"  # in the cache root: one lock file per cached model, never deleted (see cache_lock)
+RESERVE_BYTES = 1 << 30  # left free on the cache's disk besides a fetch: logs, the container layer
+HOST_CACHE = "/var/lib/vllm-pipeline/models"  # the GPU hosts' folder (tasks/targets/ecs/gpu_hosts.py)
+_fetched: set[str] = set()  # what this process fetched: make_room never takes it from under this start
 
 
 def log(msg: str) -> None:
@@ -65,44 +76,155 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stat(path: Path) -> list[int] | None:
+    """What changes when a file is written, replaced or truncated: size, mtime and inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def lock_path(cache_root: Path, key: str) -> Path:
+    return cache_root / LOCKS / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+
+
+@contextmanager
+def cache_lock(cache_root: Path, key: str, uri: str) -> Iterator[None]:
+    """Hold the model's lock (flock: other tasks on the host, and other threads here, wait). Every task
+    on a GPU host mounts the same host folder, and two may start together (a rollout's new task, the
+    offline batch task beside the service): one fetches and verifies, the others wait and then find the
+    verified copy, instead of downloading it twice and racing on its marker. The kernel drops the lock
+    of a task that dies. Lock files stay (unlinking one while another task waits on it would let two
+    tasks hold "the" lock); each holds its folder's key, and its mtime is when a start last used it."""
+    path = lock_path(cache_root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{uri}: another task on this host is fetching it; waiting for its copy")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(key)
+        f.flush()
+        yield
+
+
+def make_room(cache_root: Path, need: int, keep: str, free: Callable[[], int] | None = None) -> list[str]:
+    """Free `need` bytes (and RESERVE_BYTES) on the cache's disk by deleting the least recently used other
+    models, so a host that serves revision after revision never fills its disk (the deploy sizes it for two
+    copies of the model: tasks/targets/ecs/gpu_hosts.py). Never `keep` (the model being fetched), nothing
+    this process fetched, nothing another task is fetching now (its lock is held). A model a running server
+    has loaded may go: its weights are in GPU memory and open files outlive their names; that server's next
+    start fetches it again. Returns the keys deleted."""
+    free = free or (lambda: shutil.disk_usage(cache_root).free)
+    deleted: list[str] = []
+    root = cache_root.resolve()
+    for lock in sorted((cache_root / LOCKS).glob("*.lock"), key=lambda p: p.stat().st_mtime):
+        if free() >= need + RESERVE_BYTES:
+            break
+        try:
+            f = open(lock, "r+")
+        except OSError:
+            continue
+        with f:
+            key = f.read().strip()
+            folder = (cache_root / key).resolve()
+            if not key or key == keep or key in _fetched or not folder.is_relative_to(root) or folder == root:
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            f.seek(0)
+            f.truncate()  # no folder to guard any more, until a start fetches it again
+            deleted.append(key)
+            log(f"cache: deleted {key} (least recently used) to make room for {keep}")
+    return deleted
+
+
 def fetch(uri: str, cache_root: Path, s3=None) -> Path:
-    """Copy a staged model/adapter to cache_root/<bucket>/<prefix>, verified against its manifest."""
+    """Copy a staged model/adapter to cache_root/<bucket>/<prefix>, verified against its manifest.
+
+    The folder is per model and revision (a staged prefix ends in the commit sha or the adapter's
+    digest), so two models, or two revisions of one, on one host never share files. Under the model's
+    lock (cache_lock): a file whose size, mtime and inode are what they were when it was verified is
+    trusted without hashing it again (re-hashing a large model would cost most of what the cache saves,
+    at the disk's read rate); any other file is hashed, and fetched again when it does not match. A file
+    damaged in place without a new mtime (bit rot) is not noticed here. Downloads land in temporary
+    files renamed into place, and the marker is replaced whole, so a task killed mid-fetch leaves files
+    that are either verified or absent."""
     s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
     bucket, prefix = _split(uri)
     try:
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
     except s3.exceptions.NoSuchKey:
         raise SystemExit(f"[entrypoint] {uri} has no {MANIFEST}: the model is not (completely) staged") from None
+    key = f"{bucket}/{prefix}"
     target = cache_root / bucket / prefix
-    target.mkdir(parents=True, exist_ok=True)
-    marker = target / ".verified.json"
-    if marker.exists() and json.loads(marker.read_text()) == manifest:
-        log(f"{uri}: cached copy verified earlier, using {target}")
-        return target
-
-    def one(entry: dict) -> None:
-        dest = target / entry["path"]
-        if dest.exists() and dest.stat().st_size == entry["size"] and _sha256(dest) == entry["sha256"]:
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-        os.close(fd)
-        try:
-            s3.download_file(bucket, f"{prefix}/{entry['path']}", tmp)
-            got = _sha256(Path(tmp))
-            if got != entry["sha256"]:
-                raise SystemExit(f"[entrypoint] {entry['path']}: sha256 {got} != manifest {entry['sha256']}")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
     files = manifest["files"]
-    log(f"{uri}: fetching {len(files)} files, {sum(f['size'] for f in files) / 1e6:.1f} MB")
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(one, files))
-    marker.write_text(json.dumps(manifest))
+    with cache_lock(cache_root, key, uri):
+        _fetched.add(key)
+        target.mkdir(parents=True, exist_ok=True)
+        marker = target / MARKER
+        try:
+            seen = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        verified = seen.get("files", {}) if seen.get("manifest") == manifest else {}
+        if verified and all(verified.get(f["path"]) == _stat(target / f["path"]) for f in files):
+            log(f"{uri}: cached copy verified earlier and unchanged since, using {target}")
+            return target
+
+        def one(entry: dict) -> None:
+            dest = target / entry["path"]
+            now = _stat(dest)
+            if now is not None and (verified.get(entry["path"]) == now
+                                    or (now[0] == entry["size"] and _sha256(dest) == entry["sha256"])):
+                return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+            os.close(fd)
+            try:
+                s3.download_file(bucket, f"{prefix}/{entry['path']}", tmp)
+                got = _sha256(Path(tmp))
+                if got != entry["sha256"]:
+                    raise SystemExit(f"[entrypoint] {entry['path']}: sha256 {got} != manifest {entry['sha256']}")
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+        missing = sum(f["size"] for f in files if (_stat(target / f["path"]) or [None])[0] != f["size"])
+        make_room(cache_root, missing, keep=key)
+        log(f"{uri}: fetching {missing / 1e6:.1f} MB, checking the rest of {len(files)} files "
+            f"({sum(f['size'] for f in files) / 1e6:.1f} MB in all)")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(one, files))
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".part-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"manifest": manifest, "files": {e["path"]: _stat(target / e["path"]) for e in files}}, f)
+        os.replace(tmp, marker)
     return target
+
+
+def usable_cache_root(path: Path) -> Path:
+    """MODEL_CACHE_DIR, or a folder inside the container when this user cannot write it. On ECS it is the
+    host's folder, which the stack's hosts make for the image's user (user data); a shared cluster's hosts
+    may lack it, and then Docker makes it root's. That costs the warm cache, not the start: said in the log."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return path
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / "vllm-pipeline-models"
+        log(f"MODEL_CACHE_DIR {path} is not writable by uid {os.getuid()} ({exc.strerror}): caching in {fallback}, "
+            f"inside this container, lost with it. On ECS make the host folder {HOST_CACHE} belong to uid {os.getuid()}.")
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 def read_index(uri: str, s3=None) -> dict[str, str] | None:
@@ -225,7 +347,7 @@ def run_batch(env: dict[str, str], cache_root: Path, s3=None) -> int:
 
 
 def main() -> None:
-    cache_root = Path(os.environ.get("MODEL_CACHE_DIR", "/models"))
+    cache_root = usable_cache_root(Path(os.environ.get("MODEL_CACHE_DIR", "/models")))
     mode = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ENTRYPOINT_MODE", "serve")  # `entrypoint.py batch`
     if mode == "batch":
         sys.exit(run_batch(dict(os.environ), cache_root))

@@ -22,6 +22,7 @@ from blocks.vllm_server import VllmServerSettings
 from tasks.batch.offline import JobResult, OfflineJobFailed, job_environment
 from tasks.core.errors import PipelineInputError
 from tasks.core.naming import check_stack_name, resource_name, tag_list
+from tasks.targets.ecs.gpu_hosts import CONTAINER_MODEL_DIR, model_cache_mount
 from tasks.targets.ecs.service import host_share
 
 CONTAINER = "vllm-batch"
@@ -71,7 +72,9 @@ def log_group(stack: str, job: EcsBatchJob) -> str:
 
 
 def task_definition(stack: str, job: EcsBatchJob, settings: VllmServerSettings, model_uri: str) -> dict:
-    """register_task_definition's arguments: GPU, CPU and memory from the instance catalogue."""
+    """register_task_definition's arguments: GPU, CPU and memory from the instance catalogue. The host's
+    model cache is mounted as in the service's definition: a job on a host that serves (or served) the
+    model reuses its verified copy, and one starting beside the service waits for its fetch, not a second."""
     check_stack_name(stack)
     inst = gpu_instances()[job.instance_type]
     if settings.tensor_parallel_size > inst.gpus:
@@ -79,13 +82,14 @@ def task_definition(stack: str, job: EcsBatchJob, settings: VllmServerSettings, 
     env = job_environment(settings, model_uri, "", "")
     for k in ("BATCH_INPUT_URI", "BATCH_OUTPUT_URI"):  # per run, in the overrides
         env.pop(k)
-    env["MODEL_CACHE_DIR"] = "/models"
+    env["MODEL_CACHE_DIR"] = CONTAINER_MODEL_DIR
     clash = set(env) & set(job.secrets)
     if clash:
         raise PipelineInputError(f"secrets {sorted(clash)} would shadow the job's own settings")
     # its tensor-parallel GPUs' share of the host, as the service reserves (ecs_service.host_share):
     # the job fits beside the service on a host whose GPUs the service leaves free
     cpu, memory = host_share([job.instance_type], settings.tensor_parallel_size)
+    volumes, mounts = model_cache_mount()
     return {
         "family": resource_name(stack, "batch"),
         "taskRoleArn": job.task_role_arn,
@@ -94,10 +98,12 @@ def task_definition(stack: str, job: EcsBatchJob, settings: VllmServerSettings, 
         "requiresCompatibilities": ["EC2"],
         "cpu": str(cpu),
         "memory": str(memory),
+        "volumes": volumes,
         "containerDefinitions": [{
             "name": CONTAINER,
             "image": job.image_uri,
             "essential": True,
+            "mountPoints": mounts,
             "command": ["batch"],  # the image's ENTRYPOINT is entrypoint.py; this picks its batch mode
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(job.secrets.items())],

@@ -113,7 +113,9 @@ def deploy_ecs(
         profile_arn, made = step("instance-profile", iam.ensure_instance_profile, aws, stack, resource_name(stack, "instance"))
         rec.keep("instance-profile", resource_name(stack, "instance"), made)
         ami = step("gpu-ami", gpu_hosts.gpu_ami, aws, capacity.ami_parameter)
-        data = gpu_hosts.launch_template_data(capacity, ami, cluster, profile_arn, host_sg, instance_type, stack)
+        cache_bytes = step("model-cache-bytes", gpu_hosts.model_cache_bytes, store, model.s3_uri,
+                           [r.s3_uri for r in (adapters or {}).values()])
+        data = gpu_hosts.launch_template_data(capacity, ami, cluster, profile_arn, host_sg, instance_type, stack, cache_bytes)
         lt_id = rec.keep("launch-template", *step("launch-template", gpu_hosts.ensure_launch_template, aws, stack, data))
         asg_arn, made = step("auto-scaling-group", gpu_hosts.ensure_auto_scaling_group, aws, stack, capacity, lt_id,
                              net.subnets, instance_type)

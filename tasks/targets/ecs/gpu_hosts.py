@@ -7,6 +7,11 @@ types, so when EC2 has no capacity of the first type (InsufficientInstanceCapaci
 unavailable) the group launches the next one itself; with `use_spot`, `on_demand_base` instances
 stay on-demand. The capacity provider's managed scaling starts hosts when the service needs them
 and managed termination protection keeps a host with a running task from being scaled in.
+
+Each host keeps a model cache, MODEL_CACHE_HOST_PATH on its root EBS volume: the service's and the
+offline batch task's definitions mount it where the image's entrypoint caches (`model_cache_mount`),
+so a task restart, a rollout or a scale-out onto a host that served the model finds the verified copy
+instead of downloading the model again into its container layer. It lives as long as the host.
 """
 
 from __future__ import annotations
@@ -14,15 +19,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 
 from botocore.exceptions import ClientError
 
 from blocks.ecs_capacity import EcsGpuCapacity
+from blocks.model_store import ModelStore
 from tasks.core.aws import Aws, error_code, unless_gone
+from tasks.core.errors import PipelineInputError
 from tasks.core.naming import resource_name, tag_list, tags
+from tasks.core.s3 import read_manifest, s3_client, split_s3
 
+MODEL_CACHE_HOST_PATH = "/var/lib/vllm-pipeline/models"  # on the root volume, beside Docker's images
+MODEL_CACHE_VOLUME = "model-cache"
+CONTAINER_MODEL_DIR = "/models"  # the image's MODEL_CACHE_DIR
+CONTAINER_UID = 10001  # the vLLM image's user (images/vllm/Dockerfile): the cache folder is its own
+CACHE_COPIES = 2  # the model served and one more: the next revision a rollout brings, or the batch task's model
+HOST_BASE_GIB = 60  # the OS and Docker (~10 GiB) and two vLLM images unpacked (~25 GiB each: the running one, the next)
+
+# The cache folder for the image's user: a folder Docker makes for a missing host path is root's, which
+# that user cannot write (install -d also hands over a folder that already exists).
 USER_DATA = """#!/bin/bash
+install -d -m 0755 -o {uid} -g {uid} {cache}
 cat >> /etc/ecs/ecs.config <<'CONF'
 ECS_CLUSTER={cluster}
 ECS_ENABLE_GPU_SUPPORT=true
@@ -51,19 +70,51 @@ def ensure_cluster(aws: Aws, stack: str) -> tuple[str, bool]:
     return arn, True
 
 
+def model_cache_mount() -> tuple[list[dict], list[dict]]:
+    """(volumes, mountPoints) of a task definition: the host's model cache at the container's MODEL_CACHE_DIR."""
+    return ([{"name": MODEL_CACHE_VOLUME, "host": {"sourcePath": MODEL_CACHE_HOST_PATH}}],
+            [{"sourceVolume": MODEL_CACHE_VOLUME, "containerPath": CONTAINER_MODEL_DIR, "readOnly": False}])
+
+
+def model_cache_bytes(store: ModelStore, model_uri: str, adapter_uris: list[str]) -> int:
+    """What a host's cache holds for a deploy: the staged files of the model and its adapters, by their
+    manifests (read as the capacity planner reads them, with the store's credentials). The model must be
+    staged; an adapter without a manifest adds nothing here (the adapter checks before a deploy name it,
+    and adapters are megabytes beside the model's gigabytes)."""
+    s3 = s3_client(store)
+    total = 0
+    for uri in [model_uri, *adapter_uris]:
+        bucket, prefix = split_s3(uri)
+        manifest = read_manifest(s3, bucket, prefix.strip("/"))
+        if manifest is None and uri == model_uri:
+            raise PipelineInputError(f"{uri} has no manifest: the model is not (completely) staged; run the stage flow")
+        total += manifest.total_bytes if manifest else 0
+    return total
+
+
+def root_volume_gib(capacity: EcsGpuCapacity, cache_bytes: int) -> int:
+    """The hosts' root EBS volume: CACHE_COPIES copies of the cached model plus HOST_BASE_GIB for the OS and
+    the images, or the block's root_volume_gib when that is more. The entrypoint deletes least recently
+    used models when a fetch needs room, so two copies bound what the cache holds."""
+    return max(capacity.root_volume_gib, math.ceil(CACHE_COPIES * cache_bytes / 2**30) + HOST_BASE_GIB)
+
+
 def launch_template_data(capacity: EcsGpuCapacity, ami: str, cluster: str, profile_arn: str, host_sg: str,
-                         instance_type: str, stack: str) -> dict:
+                         instance_type: str, stack: str, cache_bytes: int) -> dict:
+    """`cache_bytes`: what the model cache holds (model_cache_bytes), for the disk's size."""
+    user_data = USER_DATA.format(cluster=cluster, uid=CONTAINER_UID, cache=MODEL_CACHE_HOST_PATH)
     return {
         "ImageId": ami,
         "InstanceType": instance_type,
         "IamInstanceProfile": {"Arn": profile_arn},
         "SecurityGroupIds": [host_sg],
-        "UserData": base64.b64encode(USER_DATA.format(cluster=cluster).encode()).decode(),
+        "UserData": base64.b64encode(user_data.encode()).decode(),
         # Hop limit 1: containers (bridge mode, one hop away) cannot reach the instance role's
         # credentials; the task role reaches them through the ECS agent instead.
         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
         "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {
-            "VolumeSize": capacity.root_volume_gib, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}}],
+            "VolumeSize": root_volume_gib(capacity, cache_bytes), "VolumeType": "gp3", "Encrypted": True,
+            "DeleteOnTermination": True}}],
         "Monitoring": {"Enabled": True},
         "TagSpecifications": [
             {"ResourceType": "instance", "Tags": [*tag_list(stack), {"Key": "Name", "Value": resource_name(stack, "gpu-host")}]},

@@ -197,9 +197,12 @@ def delete_role(aws: Aws, name: str) -> bool:
 
 
 def stack_roles(aws: Aws, stack: str) -> tuple[list[str], list[str]]:
-    """(role names, instance profile names) under the stack's IAM path."""
-    iam = aws.client("iam")
-    roles = [r["RoleName"] for page in iam.get_paginator("list_roles").paginate(PathPrefix=iam_path(stack)) for r in page["Roles"]]
-    profiles = [p["InstanceProfileName"] for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=iam_path(stack))
-                for p in page["InstanceProfiles"]]
+    """(role names, instance profile names) at the stack's IAM path. The path is checked again on each
+    answer: a listing that ignores PathPrefix (moto's list_instance_profiles does) must never hand a
+    teardown another stack's roles."""
+    iam, path = aws.client("iam"), iam_path(stack)
+    roles = [r["RoleName"] for page in iam.get_paginator("list_roles").paginate(PathPrefix=path) for r in page["Roles"]
+             if r["Path"] == path]
+    profiles = [p["InstanceProfileName"] for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=path)
+                for p in page["InstanceProfiles"] if p["Path"] == path]
     return roles, profiles

@@ -24,6 +24,7 @@ from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.vllm_server import VllmServerSettings
 from tasks.core.aws import Aws, error_code, unless_gone
 from tasks.core.naming import log_group_name, resource_name, short_name, tag_list
+from tasks.targets.ecs.gpu_hosts import CONTAINER_MODEL_DIR, model_cache_mount
 
 CONTAINER = "vllm"
 HEALTH_COMMAND = ("python3 -c \"import urllib.request; "
@@ -84,7 +85,7 @@ def container_environment(settings: VllmServerSettings, model_uri: str, port: in
     """What the image's entrypoint reads (images/vllm/entrypoint.py). No secrets here, ever."""
     return {
         "MODEL_URI": model_uri,
-        "MODEL_CACHE_DIR": "/models",
+        "MODEL_CACHE_DIR": CONTAINER_MODEL_DIR,
         "VLLM_ARGS": json.dumps(settings.server_args(host="0.0.0.0", port=port)),
         "LORA_ADAPTERS": json.dumps(adapters or {}),
         **({"LORA_INDEX_URI": adapter_index_uri} if adapter_index_uri else {}),
@@ -108,7 +109,10 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
                     image_uri: str, model_uri: str, execution_role: str, task_role: str, secrets: dict[str, str],
                     adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None) -> dict:
     """register_task_definition's arguments. CPU and memory leave room for the ECS agent and the OS
-    on the smallest instance the Auto Scaling group may launch; GPUs = tensor parallel size."""
+    on the smallest instance the Auto Scaling group may launch; GPUs = tensor parallel size. The host's
+    model cache is mounted at MODEL_CACHE_DIR (gpu_hosts.model_cache_mount): a restarted or rolled task
+    on a host that served the model starts from its verified copy."""
+    volumes, mounts = model_cache_mount()
     inst = gpu_instances()[instance_type]
     gpus = min(settings.tensor_parallel_size, inst.gpus)
     cpu, memory = host_share([instance_type, *capacity.fallback_instance_types], gpus)
@@ -122,10 +126,12 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
         "requiresCompatibilities": ["EC2"],
         "cpu": str(cpu),
         "memory": str(memory),
+        "volumes": volumes,
         "containerDefinitions": [{
             "name": CONTAINER,
             "image": image_uri,
             "essential": True,
+            "mountPoints": mounts,
             "portMappings": [{"containerPort": port, "hostPort": port, "protocol": "tcp"}],
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(secrets.items())],
@@ -146,7 +152,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
 
 def _comparable(td: dict) -> str:
     keys = ("taskRoleArn", "executionRoleArn", "networkMode", "cpu", "memory", "containerDefinitions",
-            "requiresCompatibilities")
+            "requiresCompatibilities", "volumes")
     return json.dumps({k: td.get(k) for k in keys}, sort_keys=True, default=str)
 
 
@@ -291,7 +297,8 @@ def deployment_configuration(capacity: EcsGpuCapacity) -> dict:
 def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: EcsGpuCapacity, tg_arn: str,
                    capacity_provider: str | None) -> tuple[str, bool]:
     """Create the service, or update it in place to the new task definition (a rolling deployment).
-    With autoscaling an update keeps the count Application Auto Scaling chose (within min..max)."""
+    With autoscaling an update keeps the count Application Auto Scaling chose (within min..max), and
+    at least one task: a redeploy of a stack scaled to zero (flows/scale.py) serves again."""
     ecs = aws.client("ecs")
     name = resource_name(stack, "service")
     found = [s for s in ecs.describe_services(cluster=cluster, services=[name])["services"] if s["status"] == "ACTIVE"]
@@ -299,7 +306,7 @@ def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: 
     strategy = [{"capacityProvider": capacity_provider, "weight": 1, "base": 0}] if capacity_provider else None
     if found:
         lo, hi = capacity.replicas
-        count = min(max(found[0]["desiredCount"], lo), hi) if capacity.autoscaling else capacity.desired_count
+        count = min(max(found[0]["desiredCount"], lo, 1), hi) if capacity.autoscaling else capacity.desired_count
         if found[0]["taskDefinition"] != task_def or found[0]["desiredCount"] != count:
             ecs.update_service(cluster=cluster, service=name, taskDefinition=task_def, desiredCount=count,
                                deploymentConfiguration=deployment, healthCheckGracePeriodSeconds=capacity.health_check_grace_s)

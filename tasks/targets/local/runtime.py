@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -41,22 +42,35 @@ def tail(path: str | Path, lines: int = 25) -> str:
 
 
 def is_our_server(pid: int | None) -> bool:
-    """True when `pid` is alive and is a vLLM API server (not a recycled pid)."""
+    """True when `pid` is alive and is a vLLM API server (not a recycled pid): vLLM's server module, or the
+    entrypoint serving in-process (runtime LoRA) from any copy of the project -- a worker in another copy
+    deploys the stacks this one validates, reaps and tears down (tests/test_worker_e2e.py)."""
     if not pid:
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except FileNotFoundError:
         return False
-    return "vllm.entrypoints.openai.api_server" in cmdline or str(ENTRYPOINT) in cmdline
+    suffix = "/" + "/".join(ENTRYPOINT.parts[-3:])  # /images/vllm/entrypoint.py
+    return "vllm.entrypoints.openai.api_server" in argv or any(a.endswith(suffix) for a in argv)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def start_server(
     stack: str, settings: VllmServerSettings, model_uri: str, api_key: str, adapters: dict[str, str] | None = None,
-    adapter_index_uri: str | None = None,
+    adapter_index_uri: str | None = None, port: int | None = None,
 ) -> tuple[int, str, str]:
-    """Start the entrypoint; returns (pid, base URL, log path). Does not wait for readiness."""
-    port = free_port()
+    """Start the entrypoint; returns (pid, base URL, log path). Does not wait for readiness.
+    `port`: the one to use if it is free (a stack woken from zero keeps its URL); else any free one."""
+    port = port if port and _port_free(port) else free_port()
     log_path = stack_dir(stack) / "server.log"
     env = {
         **os.environ,

@@ -9,6 +9,7 @@ from prefect_aws import AwsCredentials
 
 from blocks.vllm_server import VllmServerSettings
 from tasks.core.errors import retry_if_transient
+from tasks.core.s3 import utc_now
 from tasks.core.secrets import ensure_secret, read_secret
 from tasks.core.state import Endpoint, ModelRef
 from tasks.targets.local.runtime import is_our_server, start_server, stop_server, wait_ready
@@ -34,15 +35,17 @@ def endpoint_alive(endpoint: Endpoint | None) -> bool:
 @task(name="start-local-vllm", cache_policy=NO_CACHE)
 def start_local_server(
     stack: str, settings: VllmServerSettings, model: ModelRef, api_key_secret: str, adapters: dict[str, str] | None = None,
-    adapter_index_uri: str | None = None, credentials: AwsCredentials | None = None,
+    adapter_index_uri: str | None = None, credentials: AwsCredentials | None = None, port: int | None = None,
 ) -> Endpoint:
-    """Start the server through the image entrypoint; returns at once so the pid is recorded before the wait."""
+    """Start the server through the image entrypoint; returns at once so the pid is recorded before the wait.
+    `port`: keep this one if it is free (a stack woken from zero keeps its URL)."""
     api_key = read_secret(api_key_secret, credentials).get_secret_value()
-    pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters, adapter_index_uri)
+    started = utc_now()
+    pid, url, log_path = start_server(stack, settings, model.s3_uri, api_key, adapters, adapter_index_uri, port)
     get_run_logger().info("vLLM server starting: pid %d, %s, log %s", pid, url, log_path)
     return Endpoint(
         url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_secret,
-        pid=pid, log_path=log_path,
+        pid=pid, log_path=log_path, started_at=started,
     )
 
 
