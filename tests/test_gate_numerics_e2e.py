@@ -14,7 +14,7 @@ tests/test_local_target_e2e.py (strict_stack passes the gate, loose_stack fails 
 from __future__ import annotations
 
 import pytest
-from test_local_target_e2e import _deploy, _teardown, staged_default  # noqa: F401 - module fixture
+from test_local_target_e2e import _deploy, _teardown
 
 from blocks.vllm_server import VllmServerSettings
 from flows.validate import validate
@@ -33,7 +33,7 @@ PATHS = {
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_default_gate_passes_on_each_numeric_path_and_a_loose_server_fails_it(path, staged_default, monkeypatch):  # noqa: F811
+def test_default_gate_passes_on_each_numeric_path_and_a_loose_server_fails_it(path, staged_default, monkeypatch):
     env, fields = PATHS[path]
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the local target's server inherits the flow's environment
