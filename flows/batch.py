@@ -51,7 +51,7 @@ from tasks.core.progress import Progress
 from tasks.core.s3 import s3_client
 from tasks.core.secrets import read_secret
 from tasks.core.state import price_per_hour as stack_price
-from tasks.core.state import require_state
+from tasks.core.state import load_state, require_state
 from tasks.stage.models import find_staged_model
 from tasks.targets.ecs.batch_job import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
 from tasks.targets.local.batch_job import run_local_job
@@ -348,20 +348,44 @@ def batch_inference(
     pairs = list_inputs(store, input_uri, output_uri)
     woke: float | None = None
     wake: WakeCost | None = None
+    failed = False
     try:
         if state is not None and state.at_zero and pairs:  # scaled to zero between jobs: wake it for this one
             get_run_logger().info("stack %r is scaled to zero: waking it for %d input file(s)", stack, len(pairs))
             woke = time.monotonic()
             scale_stack(store, stack, 1, "batch", wake_timeout_s)
         summaries = [run_batch_file(store, i, o, resolve, served_model_name, settings, price) for i, o in pairs]
+    except BaseException:
+        failed = True
+        raise
     finally:
         if woke is not None:  # back to zero, whether the job succeeded or not
-            scale_stack(store, stack, 0, "batch")
             wake = wake_cost(state, 1, time.monotonic() - woke)
-            get_run_logger().info("stack %r back at zero: awake %.0f s, %.4f GPU-hours, $%.4f", stack, wake.awake_s,
+            _back_to_zero(store, stack, raise_errors=not failed)
+            get_run_logger().info("stack %r woken for this batch: awake %.0f s, %.4f GPU-hours, $%.4f", stack, wake.awake_s,
                                   wake.gpu_hours, wake.cost_usd)
     _summary_artifact(summaries, key=f"batch-{stack or 'endpoint'}", wake=wake)
     return summaries
+
+
+def _back_to_zero(store: ModelStore, stack: str, raise_errors: bool) -> None:
+    """Return a stack this batch woke to zero, unless its record says someone scaled it since (the scale
+    flow, a redeploy, another batch's wake of its own is still "batch"): that is their decision. A stack
+    left awake bills, so a failure here fails the run, except over the job's own error, which is the
+    one the user must see (this one is logged with what to do)."""
+    logger = get_run_logger()
+    try:
+        current = load_state(store, stack)[0]
+        if current is None or current.scale is None or current.scale.by != "batch" or current.scale.replicas == 0:
+            logger.warning("stack %r: scaled by %r since this batch woke it: left as it is", stack,
+                           current.scale.by if current and current.scale else None)
+            return
+        scale_stack(store, stack, 0, "batch")
+    except Exception as exc:
+        logger.error("stack %r could not be returned to zero (%s): it is awake and billing; run the scale flow with "
+                     "replicas=0", stack, exc)
+        if raise_errors:
+            raise
 
 
 def _offline(store: ModelStore, input_uri: str, output_uri: str, stack: str | None, target: str, model_uri: str | None,

@@ -229,7 +229,8 @@ def deploy_to_ecs(
         raise
     state.status = "running"
     # what the deploy asked for; with autoscaling an update keeps the service's own count (at least one), not tracked here
-    state.set_replicas(max(capacity.desired_count, 1) if capacity.autoscaling else capacity.desired_count, "deploy")
+    lo, hi = capacity.replicas  # the count a new service starts at (tasks/targets/ecs/service.py)
+    state.set_replicas(min(max(capacity.desired_count, lo, 1), hi) if capacity.autoscaling else capacity.desired_count, "deploy")
     state.note(f"running at {state.endpoint.url}")
     rec.save()
     create_markdown_artifact(

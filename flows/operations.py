@@ -99,7 +99,7 @@ def reap_stacks(store: ModelStore, dry_run: bool = False, now: datetime | None =
     by (tests). Returns the verdicts."""
     logger = get_run_logger()
     now = now or datetime.now(timezone.utc)
-    verdicts = []
+    verdicts, failed = [], []
     for state in list_stacks(store):
         limit = state.scale.zero_ttl_hours if state.at_zero else state.ttl_hours
         reading = observe(store, state, now, timedelta(hours=limit))
@@ -113,7 +113,13 @@ def reap_stacks(store: ModelStore, dry_run: bool = False, now: datetime | None =
             continue
         logger.warning("stack %r: %s: %s", state.stack, verdict.why, "would tear down (dry run)" if dry_run else "tearing down")
         if not dry_run:
-            teardown(state.stack, store)
+            try:
+                teardown(state.stack, store)
+            except Exception as exc:  # noqa: BLE001 - the other expired stacks are still reaped; this one fails the run below
+                logger.error("stack %r: teardown failed: %s", state.stack, exc)
+                failed.append(state.stack)
+    if failed:
+        raise RuntimeError(f"reap: teardown failed for {', '.join(map(repr, failed))} (the others were reaped); see the log")
     return verdicts
 
 

@@ -33,7 +33,7 @@ from tasks.core.naming import check_stack_name, resource_name
 from tasks.core.secrets import read_secret
 from tasks.core.state import StackState, deployed, load_state, price_per_hour, update_state
 from tasks.stage.lora import index_uri
-from tasks.targets.ecs.scale import set_desired_count, wait_scaled_up
+from tasks.targets.ecs.scale import set_desired_count, set_host_floor, wait_scaled_up
 from tasks.targets.local.server import endpoint_alive, start_local_server, stop_local_server, wait_local_ready
 from tasks.teardown.idle import sample_traffic
 
@@ -166,23 +166,50 @@ def _scale_ecs(store: ModelStore, state: StackState, replicas: int, by: str, rea
     aws = Aws(store.credentials, region)
     cluster = state.settings.get("cluster") or resource_name(stack, "cluster")
     started = time.monotonic()
+    tg_arn = next((r.id for r in state.resources if r.kind == "target-group"), None)
+    asg = next((r.id for r in state.resources if r.kind == "asg"), None)
+    if replicas > 0 and tg_arn is None:
+        raise PipelineInputError(f"stack {stack!r} records no target group: redeploy it instead of scaling it")
+    floor = state.settings.get("host_floor_before_zero")
     before = set_desired_count(aws, stack, cluster, replicas)
+    if replicas == 0:
+        floor = set_host_floor(aws, asg, 0) or floor
+    elif floor:
+        set_host_floor(aws, asg, floor)
 
     def scaled(s: StackState) -> None:
         s.set_replicas(replicas, by, zero_ttl_hours)
         s.note(f"scaled {before} -> {replicas} ({by})")
+        if replicas == 0 and floor:
+            s.settings["host_floor_before_zero"] = floor
+        elif replicas > 0:
+            s.settings.pop("host_floor_before_zero", None)
 
     update_state(store, stack, scaled)
     report = ScaleReport(stack=stack, target="ecs", before=before, after=replicas, endpoint=ep.url)
     if replicas == 0:
-        logger.info("stack %r scaled to zero: its tasks drain; managed scaling removes idle GPU hosts", stack)
+        logger.info("stack %r scaled to zero: its tasks drain; managed scaling removes its GPU hosts (host floor 0)", stack)
         return report
-    tg_arn = next(r.id for r in state.resources if r.kind == "target-group")
-    asg = next((r.id for r in state.resources if r.kind == "asg"), None)
     key = read_secret(ep.api_key_secret, store.credentials, region).get_secret_value()
     logger.info("stack %r: %d -> %d tasks; waiting up to %.0fs until it serves", stack, before, replicas, ready_timeout_s)
-    wait_scaled_up(aws, stack, cluster, tg_arn, ep.url, key, ep.served_model_name, asg, ready_timeout_s,
-                   lambda line: logger.info("stack %r: %s", stack, line), poll_s)
+    try:
+        wait_scaled_up(aws, stack, cluster, tg_arn, ep.url, key, ep.served_model_name, asg, ready_timeout_s,
+                       lambda line: logger.info("stack %r: %s", stack, line), poll_s)
+    except BaseException as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.error("stack %r did not serve at %d tasks (%s): back to %d", stack, replicas, why, before)
+        set_desired_count(aws, stack, cluster, before)  # hosts launched for the new tasks are not left waiting
+        if before == 0:
+            set_host_floor(aws, asg, 0)
+
+        def failed(s: StackState) -> None:
+            s.set_replicas(before, f"{by} failed")
+            s.note(f"scale to {replicas} failed: {why}")
+            if before == 0 and floor:
+                s.settings["host_floor_before_zero"] = floor
+
+        update_state(store, stack, failed)
+        raise
     return report.model_copy(update={"ready_s": round(time.monotonic() - started, 1)})
 
 

@@ -17,11 +17,13 @@ MODE=${1:-test}
 # Image builds (flows/build.py, tests/test_images.py): buildah builds without a Docker engine,
 # docker-registry is a local Registry v2 for the tests, htpasswd (apache2-utils) makes its logins.
 # chromium (headless) opens the Prefect UI's artifact pages (tests/test_ui_artifacts_e2e.py).
+# mmdebstrap makes the runtime image's python:3.11 base from Debian's archive (tests/debian_base.py).
 if [ "$MODE" != demo ]; then
   if ! command -v buildah >/dev/null || ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null \
-     || ! command -v chromium >/dev/null; then
-    echo "setup: installing buildah, docker-registry, apache2-utils and chromium (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah docker-registry apache2-utils chromium >/dev/null
+     || ! command -v chromium >/dev/null || ! command -v mmdebstrap >/dev/null; then
+    echo "setup: installing buildah, docker-registry, apache2-utils, chromium and mmdebstrap (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah docker-registry apache2-utils chromium \
+      mmdebstrap >/dev/null
   fi
 fi
 

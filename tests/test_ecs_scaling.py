@@ -249,24 +249,30 @@ def _floor(aws: Aws, stack: str) -> tuple[int, int]:
     return t["MinCapacity"], t["MaxCapacity"]
 
 
+def _host_floor(aws: Aws, stack: str) -> int:
+    return aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[f"vllm-{stack}-hosts"])[
+        "AutoScalingGroups"][0]["MinSize"]
+
+
 def test_scale_sets_the_count_and_the_autoscaling_floor_and_a_redeploy_restores_them(store, small_model, served):  # noqa: F811
     from prefect import flow
 
     from flows.scale import scale_stack
 
     stack, aws = "scaler", Aws(region="us-east-1")
-    cap = scaled(alarms=AlarmSettings(enabled=False), dashboard=False)
+    cap = scaled(alarms=AlarmSettings(enabled=False), dashboard=False, min_capacity=1)  # one GPU host kept warm
     run_deploy(stack, store, small_model, cap)
-    assert load_state(store, stack)[0].scale.replicas == 1 and len(served) == 1
+    assert load_state(store, stack)[0].scale.replicas == 1 and len(served) == 1 and _host_floor(aws, stack) == 1
     run = flow(name="t-scale")(scale_stack)
     try:
         down = run(store, stack, 0)
         assert (down.before, down.after) == (1, 0) and len(served) == 1  # no wait going down
         assert _service(aws, stack)["desiredCount"] == 0 and _floor(aws, stack) == (0, 3)  # autoscaling cannot undo it
+        assert _host_floor(aws, stack) == 0  # no GPU host is kept (and billed) for a stack at zero
         state = load_state(store, stack)[0]
         assert state.at_zero and state.scale.by == "scale" and describe(state).price_per_hour == 0
         up = run(store, stack, 2)
-        assert _service(aws, stack)["desiredCount"] == 2 and _floor(aws, stack) == (2, 3)
+        assert _service(aws, stack)["desiredCount"] == 2 and _floor(aws, stack) == (2, 3) and _host_floor(aws, stack) == 1
         assert len(served) == 2 and served[-1][5] == state.endpoint.url  # waited until it serves through the load balancer
         with pytest.raises(PipelineInputError, match="at most 3 replica"):
             run(store, stack, 4)

@@ -404,6 +404,44 @@ def test_model_cache_makes_room_from_the_least_recently_used_models(tmp_path):
     assert entry.make_room(cache, 0, keep=keys[3], free=free) == []  # room enough: nothing goes
 
 
+def test_model_cache_never_deletes_a_model_a_server_on_the_host_started_with(tmp_path):
+    """A server holds its model's "in use" lock from its start to its end (the entrypoint's descriptor
+    survives exec): make_room passes over that model, however old, while the server lives."""
+    import subprocess
+    import sys
+
+    from test_entrypoint import ENTRYPOINT, _load_entrypoint
+
+    entry = _load_entrypoint()
+    cache = tmp_path / "models"
+    keys = ["b/models/serving/1", "b/models/idle/1", "b/models/wanted/1"]
+    for age, key in enumerate(keys):
+        (cache / key).mkdir(parents=True)
+        (cache / key / "model.safetensors").write_bytes(b"x" * 10)
+        with entry.cache_lock(cache, key, f"s3://{key}"):
+            pass
+        os.utime(entry.lock_path(cache, key), (1_000_000 + age, 1_000_000 + age))
+    # a "server": holds the in-use lock, then execs a process that keeps running (as the entrypoint execs vLLM)
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import importlib.util, os, sys, pathlib; spec = importlib.util.spec_from_file_location('e', sys.argv[1]); "
+        "e = importlib.util.module_from_spec(spec); spec.loader.exec_module(e); "
+        "e.hold_in_use(pathlib.Path(sys.argv[2]), sys.argv[3]); print('held', flush=True); "
+        "os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)'])"),
+        str(ENTRYPOINT), str(cache), keys[0]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "held"
+
+        def free() -> int:
+            return entry.RESERVE_BYTES + sum(10 for k in keys if not (cache / k).exists())
+
+        assert entry.make_room(cache, 30, keep=keys[2], free=free) == [keys[1]]  # the serving one stays
+        assert (cache / keys[0]).exists()
+    finally:
+        server.kill()
+        server.wait()
+    assert entry.make_room(cache, 30, keep=keys[2], free=free) == [keys[0]]  # its server gone: it may go
+
+
 def test_unwritable_cache_folder_falls_back_inside_the_container(tmp_path, capfd):
     """A host folder the image's user cannot write (a shared cluster's hosts without our user data: Docker
     makes the folder root's) costs the warm cache, not the start; the log says what to fix."""

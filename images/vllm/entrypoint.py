@@ -89,6 +89,22 @@ def lock_path(cache_root: Path, key: str) -> Path:
     return cache_root / LOCKS / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
 
 
+_in_use: list[int] = []  # descriptors of the "in use" locks this process (and the server it execs) holds
+
+
+def hold_in_use(cache_root: Path, key: str) -> None:
+    """A shared lock on the model's "in use" file for the life of this process and of the vLLM server
+    it execs (the descriptor is inheritable, and flock locks belong to the open file, so they outlive
+    exec): vLLM reads weight shards during a load that can take minutes and opens LoRA adapters when
+    first used, so make_room must not delete a folder a server on this host still reads. Other
+    starts share it; only make_room asks for it exclusively, without waiting."""
+    path = lock_path(cache_root, key).with_suffix(".use")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.set_inheritable(fd, True)
+    _in_use.append(fd)
+
+
 @contextmanager
 def cache_lock(cache_root: Path, key: str, uri: str) -> Iterator[None]:
     """Hold the model's lock (flock: other tasks on the host, and other threads here, wait). Every task
@@ -116,9 +132,8 @@ def make_room(cache_root: Path, need: int, keep: str, free: Callable[[], int] | 
     """Free `need` bytes (and RESERVE_BYTES) on the cache's disk by deleting the least recently used other
     models, so a host that serves revision after revision never fills its disk (the deploy sizes it for two
     copies of the model: tasks/targets/ecs/gpu_hosts.py). Never `keep` (the model being fetched), nothing
-    this process fetched, nothing another task is fetching now (its lock is held). A model a running server
-    has loaded may go: its weights are in GPU memory and open files outlive their names; that server's next
-    start fetches it again. Returns the keys deleted."""
+    this process fetched, nothing another task is fetching now (its lock is held), nothing a server on this
+    host started with (hold_in_use: it may still read weight shards or open adapters). Returns the keys deleted."""
     free = free or (lambda: shutil.disk_usage(cache_root).free)
     deleted: list[str] = []
     root = cache_root.resolve()
@@ -138,6 +153,13 @@ def make_room(cache_root: Path, need: int, keep: str, free: Callable[[], int] | 
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
+            use = os.open(lock.with_suffix(".use"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a server on this host still reads it (hold_in_use)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(use)  # closing drops the lock: this start holds the model's fetch lock meanwhile
             shutil.rmtree(folder, ignore_errors=True)
             f.seek(0)
             f.truncate()  # no folder to guard any more, until a start fetches it again
@@ -168,6 +190,7 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
     files = manifest["files"]
     with cache_lock(cache_root, key, uri):
         _fetched.add(key)
+        hold_in_use(cache_root, key)
         target.mkdir(parents=True, exist_ok=True)
         marker = target / MARKER
         try:

@@ -121,6 +121,8 @@ def sample_local(store: ModelStore, state: StackState, now: datetime) -> Traffic
     ep = state.endpoint
     alive = bool(ep is not None and ep.pid and is_our_server(ep.pid))
     counters = read_counters(ep.url) if alive else None
+    if alive and counters is None:  # busy or answering oddly: unknown, not "no request" (reap spares it this round)
+        raise RuntimeError(f"stack {state.stack!r}: the server is running but its /metrics counters could not be read")
     pid, started_at = (ep.pid, ep.started_at) if alive else (0, None)
     traffic = update_traffic(store, state.stack, lambda t: record_counters(t, pid, started_at, counters, now))
     return TrafficReading(traffic=traffic, requests_last_hour=served_since(traffic.samples, now - HOUR))

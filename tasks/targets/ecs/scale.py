@@ -49,6 +49,23 @@ def set_desired_count(aws: Aws, stack: str, cluster: str, replicas: int) -> int:
     return before
 
 
+@task(name="ecs-set-host-floor", **_RETRY)
+def set_host_floor(aws: Aws, asg_name: str | None, floor: int) -> int | None:
+    """The GPU host group's MinSize; returns the one before (None: no group). At zero a MinSize above
+    0 would keep GPU hosts, and their bill, with no task on them; with 0, managed scaling removes
+    them. The scale up puts the recorded floor back; a redeploy puts the block's min_capacity back."""
+    if not asg_name:
+        return None
+    asg = aws.client("autoscaling")
+    found = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[asg_name])["AutoScalingGroups"]
+    if not found:
+        return None
+    before = found[0]["MinSize"]
+    if before != floor:
+        asg.update_auto_scaling_group(AutoScalingGroupName=asg_name, MinSize=floor)
+    return before
+
+
 @task(name="ecs-wait-scaled-up", cache_policy=NO_CACHE)
 def wait_scaled_up(aws: Aws, stack: str, cluster: str, tg_arn: str, url: str, api_key: str, served_name: str,
                    asg_name: str | None, timeout_s: float, progress: Callable[[str], None], poll_s: float = 15) -> None:

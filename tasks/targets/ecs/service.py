@@ -312,8 +312,10 @@ def ensure_service(aws: Aws, stack: str, cluster: str, task_def: str, capacity: 
                                deploymentConfiguration=deployment, healthCheckGracePeriodSeconds=capacity.health_check_grace_s)
         return found[0]["serviceArn"], False
     kwargs = {"capacityProviderStrategy": strategy} if strategy else {}
+    lo, hi = capacity.replicas  # with autoscaling at least one task, as flows/deploy.py records (min_replicas may be 0)
     arn = ecs.create_service(
-        cluster=cluster, serviceName=name, taskDefinition=task_def, desiredCount=capacity.desired_count,
+        cluster=cluster, serviceName=name, taskDefinition=task_def,
+        desiredCount=min(max(capacity.desired_count, lo, 1), hi) if capacity.autoscaling else capacity.desired_count,
         deploymentConfiguration=deployment,
         loadBalancers=[{"targetGroupArn": tg_arn, "containerName": CONTAINER, "containerPort": capacity.container_port}],
         healthCheckGracePeriodSeconds=capacity.health_check_grace_s, schedulingStrategy="REPLICA",
