@@ -47,22 +47,9 @@ def store(local_aws):
 
 
 @pytest.fixture(scope="module")
-def model(local_aws):
-    """The default model, staged (or found staged) in the default store through the local hub."""
-    from prefect import flow
-
-    from blocks.model_source import ModelSource
-    from embedded.hub_server import HubRepo, LocalHub
-    from embedded.local_aws import patched_env
-    from embedded.model_kit import ensure_default_model
-    from embedded.stack import DEFAULT_REPO_ID
-    from flows.stage import stage
-    from tasks.core.state import ModelRef
-    from tasks.stage.transfer import TransferSettings
-
-    with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
-        staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
-    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=f"s3://{staged.bucket}/{staged.prefix}")
+def model(staged_default):
+    """The default model, staged once per session (tests/conftest.py)."""
+    return staged_default
 
 
 def _ask(state) -> str:
