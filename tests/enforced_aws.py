@@ -27,9 +27,7 @@ What moto checks, and what the policies are widened to on that account (`for_mot
   RoleName) to the role's ARN, not the instance profile's.
 - conditions: evaluated without request context (tag, boundary, PassedToService conditions pass unchecked), so
   they are kept as written and checked statically (tests/test_iam_policy.py); iam:PassRole is never requested.
-- moto's own gaps, patched in its server process (`SERVER`): run_task counts only container-level memory (real ECS
-  takes the task-level `memory` the product sets for EC2 tasks), so a task without it is a TypeError there; a
-  terminated instance keeps its primary network interface (EC2 deletes it), so its security group never frees.
+- moto's own gaps are patched in its server process by embedded/moto_server.py (the default stand-in runs it too).
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import boto3
@@ -51,6 +50,8 @@ import yaml
 from iam_actions import RUNNER_POLICIES, load_policy
 
 from embedded.net import free_port, stop_process, wait_for_port
+
+MOTO_SERVER = Path(__file__).resolve().parents[1] / "embedded" / "moto_server.py"
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -65,27 +66,6 @@ STACK_ROLES = "arn:aws:iam::*:role/vllm-pipeline/*"
 MOTO_PREFIX = {"cloudwatch": "monitoring", "tag": "tagging"}
 ROLE_NAME_ACTIONS = {"iam:addroletoinstanceprofile", "iam:removerolefrominstanceprofile"}  # moto resolves RoleName
 
-# moto's server, with its run_task counting a task's memory as real ECS does when no container sets its own, and a
-# terminated instance's primary network interface deleted with it, as EC2 does (moto keeps it: the host's security
-# group would then wait for it forever)
-SERVER = """
-import sys, types
-from moto.ecs import models
-_calc = models.EC2ContainerServiceBackend._calculate_task_resource_requirements
-def _task_level(task_definition):
-    defs = [{**c, "memory": c.get("memory") or c.get("memoryReservation") or 0} for c in task_definition.container_definitions]
-    return _calc(types.SimpleNamespace(container_definitions=defs))
-models.EC2ContainerServiceBackend._calculate_task_resource_requirements = staticmethod(_task_level)
-from moto.ec2.models import instances
-_terminate = instances.Instance.terminate
-def _terminate_with_its_eni(self):
-    for nic in self.nics.values():
-        nic.delete_on_termination = nic.delete_on_termination or nic.device_index == 0
-    return _terminate(self)
-instances.Instance.terminate = _terminate_with_its_eni
-from moto.server import main
-main(sys.argv[1:])
-"""
 
 
 def _as_list(v) -> list:
@@ -143,7 +123,7 @@ class EnforcedAws:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(self.ADMIN_REQUESTS)
         env["MOTO_ECS_SERVICE_RUNNING"] = "1"  # a service's tasks count as running (moto runs no containers)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, timeout=60, proc=self.proc)
 

@@ -446,3 +446,35 @@ def test_status_and_teardown_use_the_plans_price():
     old = StackState(stack="old", target="ecs", settings={"instance_type": "g5.xlarge"})  # a record from before plans
     assert price_per_hour(old) == 1.006
     assert price_per_hour(StackState(stack="local", target="local")) == 0.0
+
+
+def test_a_terminated_hosts_interface_goes_with_it_and_a_stuck_one_is_named_not_retried(local_aws):
+    """The stand-in deletes a terminated instance's primary interface, as EC2 does (moto kept it, and a
+    test's teardown waited 85 minutes for its security group); an interface that truly stays makes the
+    group's delete fail once, naming it, instead of six retries of a 15-minute wait."""
+    from types import SimpleNamespace
+
+    from tasks.targets.ecs.network import StillAttachedError, wait_for_enis_released
+    from tasks.teardown.sweep import _retry_delete
+
+    ec2 = aws_client("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    group = ec2.create_security_group(GroupName="t-eni-" + subnet[-6:], Description="t", VpcId=vpc)["GroupId"]
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    host = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=subnet, SecurityGroupIds=[group])
+    ec2.terminate_instances(InstanceIds=[host["Instances"][0]["InstanceId"]])
+    wait_for_enis_released(ec2, group, timeout_s=0)  # nothing left: returns at once
+
+    stuck = ec2.create_network_interface(SubnetId=subnet, Groups=[group], Description="someone else's")
+    with pytest.raises(StillAttachedError, match="someone else's") as raised:
+        wait_for_enis_released(ec2, group, timeout_s=0)
+    assert stuck["NetworkInterface"]["NetworkInterfaceId"] in str(raised.value)
+
+    def failed(exc):
+        return SimpleNamespace(result=lambda: (_ for _ in ()).throw(exc))
+
+    assert not _retry_delete(None, None, failed(raised.value))
+    assert _retry_delete(None, None, failed(TimeoutError("a slow call")))  # what stays retried
+    ec2.delete_network_interface(NetworkInterfaceId=stuck["NetworkInterface"]["NetworkInterfaceId"])
+    ec2.delete_security_group(GroupId=group)

@@ -92,13 +92,25 @@ def ensure_ingress(aws: Aws, group_id: str, port: int, *, cidrs: list[str] | Non
             raise
 
 
+class StillAttachedError(RuntimeError):
+    """A security group's network interfaces outlived the wait. Not retried (a RuntimeError, not a
+    TimeoutError): the wait was the retry, and six more would hold a teardown for hours; the message
+    names each interface and what holds it, so a person can see what is left and why."""
+
+
 def wait_for_enis_released(ec2, group_id: str, timeout_s: float = 900) -> None:
     """A deleted load balancer and terminated hosts release their network interfaces minutes later;
     until then the group cannot be deleted (DependencyViolation)."""
     deadline, delay = time.monotonic() + timeout_s, 5.0
-    while ec2.describe_network_interfaces(Filters=[{"Name": "group-id", "Values": [group_id]}])["NetworkInterfaces"]:
+    while enis := ec2.describe_network_interfaces(Filters=[{"Name": "group-id", "Values": [group_id]}])["NetworkInterfaces"]:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"security group {group_id}: network interfaces still attached after {timeout_s:.0f}s")
+            held = ", ".join(
+                f"{e['NetworkInterfaceId']} ({e.get('Description') or e.get('InterfaceType', '')}"
+                f"{', attached to ' + e['Attachment']['InstanceId'] if e.get('Attachment', {}).get('InstanceId') else ''})"
+                for e in enis
+            )
+            raise StillAttachedError(f"security group {group_id}: network interfaces still attached after "
+                                     f"{timeout_s:.0f}s: {held}")
         time.sleep(delay)
         delay = min(delay * 1.5, 30)
 
