@@ -21,12 +21,18 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 class ScalingSettings(BaseModel):
-    """Target tracking on the load balancer's requests per task (ALBRequestCountPerTarget: requests
-    per minute that each healthy task received). The right target depends on the model and the
-    GPU: measure a replica's sustainable rate (the validate flow's latency check) and set it below."""
+    """Target tracking on one signal. `requests` (no extra component): the load balancer's requests per
+    task (ALBRequestCountPerTarget: requests per minute that each healthy task received); the right
+    target depends on the model and the GPU: measure a replica's sustainable rate (the validate flow's
+    latency check) and set it below. `queue`: vLLM's own queue, `vllm:num_requests_waiting` averaged
+    over the tasks, which the CloudWatch agent sidecar publishes (needs `metrics_agent.enabled`):
+    requests that wait mean the replicas are full, whatever the requests' lengths."""
 
+    signal: Literal["requests", "queue"] = Field(default="requests", description="What the service is scaled on.")
     target_requests_per_minute: float = Field(default=30, gt=0, le=100000,
-                                              description="Requests per task per minute the service is scaled to keep.")
+                                              description="signal=requests: requests per task per minute the service is scaled to keep.")
+    target_waiting_per_task: float = Field(default=2, gt=0, le=10000,
+                                           description="signal=queue: requests waiting in each task's vLLM queue the service is scaled to keep.")
     scale_out_cooldown_s: int = Field(default=300, ge=0, le=3600,
                                       description="After a scale-out, wait this long before another (a GPU host and a model load take minutes).")
     scale_in_cooldown_s: int = Field(default=1800, ge=0, le=86400,
@@ -64,6 +70,24 @@ class AlarmSettings(BaseModel):
         return value
 
 
+class MetricsAgentSettings(BaseModel):
+    """The CloudWatch agent as a sidecar in each vLLM task (tasks/targets/ecs/metrics_agent.py): it scrapes
+    the server's Prometheus `/metrics` and publishes vLLM's queue and KV-cache usage as embedded metric
+    format logs, and reads the GPUs' utilisation and memory with nvidia-smi. Off by default: one more
+    image to pull, and CloudWatch bills each custom metric series (~$0.30 a month); on, it feeds the
+    `queue` scaling signal, the GPU memory alarm and the dashboard's queue and GPU widgets."""
+
+    enabled: bool = False
+    image: str = Field(default="public.ecr.aws/cloudwatch-agent/cloudwatch-agent:1.300059.0b1207",
+                       description="The agent's image (ECR Public needs no credentials); pin a digest to freeze it.")
+    interval_s: int = Field(default=15, ge=10, le=300, description="Scrape and GPU sampling interval.")
+    gpu_memory_percent: float = Field(
+        default=98.0, gt=0, le=100,
+        description="Alarm when any GPU's memory use is above this share. vLLM takes gpu_memory_utilization of "
+                    "each GPU at start and keeps it, so this must be above that: past it is memory vLLM did not plan for.")
+    gpu_memory_minutes: int = Field(default=5, ge=1, le=60)
+
+
 class EcsGpuCapacity(Block):
     """ECS cluster and GPU capacity for the `ecs` target."""
 
@@ -98,6 +122,7 @@ class EcsGpuCapacity(Block):
         description="Autoscaling: the most vLLM tasks (one per GPU host, so at most max_capacity); None: desired_count.")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    metrics_agent: MetricsAgentSettings = Field(default_factory=MetricsAgentSettings)
     dashboard: bool = Field(default=True, description="A CloudWatch dashboard per stack; its URL is in the deploy artifact and `status`.")
     use_spot: bool = False
     on_demand_base: int = Field(default=0, ge=0, description="With use_spot: this many instances stay on-demand.")
@@ -233,6 +258,8 @@ class EcsGpuCapacity(Block):
         if self.autoscaling and self.drain_s < self.request_timeout_s:
             raise ValueError(f"deregistration_delay_s ({self.drain_s}) is shorter than request_timeout_s "
                              f"({self.request_timeout_s}): scale-in would stop tasks with requests in flight")
+        if self.scaling.signal == "queue" and not self.metrics_agent.enabled:
+            raise ValueError("scaling.signal 'queue' needs metrics_agent.enabled: the CloudWatch agent publishes vLLM's queue")
         if self.min_capacity > self.max_capacity:
             raise ValueError(f"min_capacity ({self.min_capacity}) exceeds max_capacity ({self.max_capacity})")
         if self.desired_count > self.max_capacity:

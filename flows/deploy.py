@@ -26,6 +26,7 @@ from tasks.core.naming import check_stack_name, resource_name
 from tasks.core.state import ModelRef, StackState, delete_state, load_state, save_state
 from tasks.stage.lora import check_adapters, find_staged_adapters, write_index
 from tasks.stage.models import find_staged_model
+from tasks.targets.ecs import metrics_agent
 from tasks.targets.ecs.deploy import Recorder, deploy_ecs
 from tasks.targets.local.server import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.teardown.rollback import rollback
@@ -183,6 +184,7 @@ def deploy_to_ecs(
     check_image_uri(image_uri)
     plan = plan_task(store, model, settings, capacity)
     instance_type, settings, price = choose_instance(plan, capacity, settings)
+    metrics_agent.check_settings(capacity.metrics_agent, settings)
     logger.info("stack %r: %s (TP %d, $%.3f/h) per the capacity plan", stack, instance_type, settings.tensor_parallel_size, price)
     state, etag = load_state(store, stack)
     _refuse_if_busy(state, stack, "ecs")

@@ -225,6 +225,100 @@ def test_a_failing_put_is_rolled_back_to_nothing(store, small_model, monkeypatch
         assert load_state(store, stack)[0] is None
 
 
+def test_metrics_agent_sidecar_queue_scaling_gpu_alarm_widgets_then_off_again(store, small_model, monkeypatch):  # noqa: F811
+    """With the metrics agent: the CloudWatch agent is a sidecar of the vLLM task that scrapes its /metrics
+    (EMF into the stack's metrics log group) and reads the GPUs; the service scales on vLLM's queue; a
+    GPU-memory alarm and queue/KV/GPU widgets exist; the task role may write only its metrics. A redeploy
+    changes nothing; turning it off removes the sidecar, its policy, its alarm and the queue policy."""
+    import yaml
+
+    from blocks.ecs_capacity import MetricsAgentSettings
+
+    stack = "agent"
+    agent = MetricsAgentSettings(enabled=True, interval_s=20, gpu_memory_percent=97.5)
+    cap = scaled(metrics_agent=agent, scaling=ScalingSettings(signal="queue", target_waiting_per_task=3))
+    with recorded(monkeypatch) as first, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, cap, keep_failed=True)
+    aws = Aws(region="us-east-1")
+    ecs, iam, logs, cw = (aws.client(s) for s in ("ecs", "iam", "logs", "cloudwatch"))
+
+    td = ecs.describe_task_definition(taskDefinition=f"vllm-{stack}-server")["taskDefinition"]
+    server, sidecar = td["containerDefinitions"]
+    assert (server["name"], server["essential"], sidecar["name"], sidecar["essential"]) == ("vllm", True, "cloudwatch-agent", False)
+    assert sidecar["image"] == agent.image and sidecar["links"] == ["vllm:vllm"]
+    assert sidecar["dependsOn"] == [{"containerName": "vllm", "condition": "START"}]
+    assert "resourceRequirements" not in sidecar  # it reserves no GPU: NVIDIA's runtime shows it every GPU
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    scrape = yaml.safe_load(env["PROMETHEUS_CONFIG_CONTENT"])
+    [job] = scrape["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["vllm:8000"], "labels": {"Stack": stack}}] and scrape["global"]["scrape_interval"] == "20s"
+    config = json.loads(env["CW_CONFIG_CONTENT"])
+    prom = config["logs"]["metrics_collected"]["prometheus"]
+    assert prom["log_group_name"] == f"/vllm-pipeline/{stack}/metrics" and prom["prometheus_config_path"] == "env:PROMETHEUS_CONFIG_CONTENT"
+    [rule] = prom["emf_processor"]["metric_declaration"]
+    assert rule["dimensions"] == [["Stack"]] and "^vllm:num_requests_waiting$" in rule["metric_selectors"]
+    assert prom["emf_processor"]["metric_namespace"] == config["metrics"]["namespace"] == "vllm-pipeline"
+    assert config["metrics"]["metrics_collected"]["nvidia_gpu"]["append_dimensions"] == {"Stack": stack}
+
+    group = logs.describe_log_groups(logGroupNamePrefix=f"/vllm-pipeline/{stack}/metrics")["logGroups"]
+    assert [(g["logGroupName"], g.get("retentionInDays")) for g in group] == [(f"/vllm-pipeline/{stack}/metrics", 14)]
+    role = f"vllm-{stack}-task"
+    assert sorted(iam.list_role_policies(RoleName=role)["PolicyNames"]) == ["metrics-agent", "vllm-pipeline"]
+    doc = iam.get_role_policy(RoleName=role, PolicyName="metrics-agent")["PolicyDocument"]
+    doc = doc if isinstance(doc, dict) else json.loads(doc)
+    assert {a for st in doc["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])} \
+        == {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams", "cloudwatch:PutMetricData"}
+    assert all(f"log-group:/vllm-pipeline/{stack}/metrics" in r for st in doc["Statement"] if st["Sid"] == "MetricsAgentLogs"
+               for r in st["Resource"])
+
+    rid = f"service/vllm-{stack}-cluster/vllm-{stack}-service"
+    aas = aws.client("application-autoscaling")
+    [policy] = aas.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=rid)["ScalingPolicies"]
+    conf = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert policy["PolicyName"] == f"vllm-{stack}-waiting-per-task" and conf["TargetValue"] == 3.0
+    assert conf["CustomizedMetricSpecification"] == {"MetricName": "vllm:num_requests_waiting", "Namespace": "vllm-pipeline",
+                                                     "Dimensions": [{"Name": "Stack", "Value": stack}], "Statistic": "Average"}
+    gpu = {p["AlarmName"]: p for p in first.params["PutMetricAlarm"]}[f"vllm-{stack}-alarm-gpu-memory"]
+    assert gpu["Threshold"] == 97.5 and gpu["Metrics"][-1]["Expression"] == "100 * used / total"
+    assert {m["MetricStat"]["Metric"]["MetricName"] for m in gpu["Metrics"][:2]} == {"nvidia_smi_memory_used", "nvidia_smi_memory_total"}
+    body = json.loads(cw.get_dashboard(DashboardName=f"vllm-{stack}-dashboard")["DashboardBody"])
+    titles = [w["properties"]["title"] for w in body["widgets"]]
+    assert {"vLLM queue (per task)", "KV cache used (0-1)", "GPU"} <= set(titles)
+    assert Counter(r.kind for r in scan(aws, stack)[0])["log-group"] == 2 and Counter(
+        r.kind for r in scan(aws, stack)[0])["alarm"] == 5
+
+    with recorded(monkeypatch) as again, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, cap, keep_failed=True)
+    assert [c for c in again.calls if c in OURS | {"RegisterTaskDefinition", "CreateLogGroup"}] == []
+
+    off = scaled()  # the agent off, the requests signal back
+    with recorded(monkeypatch) as changed, pytest.raises(DeployTimeout):
+        run_deploy(stack, store, small_model, off, keep_failed=True)
+    assert changed.calls.count("RegisterTaskDefinition") == 1
+    td = ecs.describe_task_definition(taskDefinition=f"vllm-{stack}-server")["taskDefinition"]
+    assert [c["name"] for c in td["containerDefinitions"]] == ["vllm"]
+    assert iam.list_role_policies(RoleName=role)["PolicyNames"] == ["vllm-pipeline"]
+    assert [p["PolicyName"] for p in aas.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=rid)["ScalingPolicies"]] \
+        == [f"vllm-{stack}-requests-per-target"]
+    assert cw.describe_alarms(AlarmNames=[f"vllm-{stack}-alarm-gpu-memory"])["MetricAlarms"] == []
+
+    run_teardown(stack, store)
+    assert leftovers(aws, stack) == []
+    assert logs.describe_log_groups(logGroupNamePrefix=f"/vllm-pipeline/{stack}/")["logGroups"] == []
+
+
+def test_metrics_agent_settings_are_checked_before_any_resource(store, small_model):  # noqa: F811
+    from blocks.ecs_capacity import MetricsAgentSettings
+
+    with pytest.raises(ValidationError, match="needs metrics_agent.enabled"):
+        scaled(scaling=ScalingSettings(signal="queue"))
+    low = scaled(metrics_agent=MetricsAgentSettings(enabled=True, gpu_memory_percent=90))
+    with pytest.raises(PipelineInputError, match="not above VllmServerSettings.gpu_memory_utilization"):
+        run_deploy("agent-low", store, small_model, low)
+    assert load_state(store, "agent-low")[0] is None and leftovers(Aws(region="us-east-1"), "agent-low") == []
+
+
 # ------------------------------------------------------------------------------------- scale to zero, idle
 
 

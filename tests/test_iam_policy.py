@@ -25,6 +25,7 @@ from iam_actions import (
 
 from tasks.core.naming import MANAGED_BY, TAG_MANAGED
 from tasks.targets.ecs import iam as stack_iam
+from tasks.targets.ecs import metrics_agent
 
 REPO = Path(__file__).resolve().parent.parent
 BOUNDARY = REPO / "images" / "runtime" / "stack-role-boundary.json"
@@ -179,7 +180,8 @@ def test_boundary_holds_what_the_stack_roles_are_given():
     for doc in (stack_iam.execution_policy("1.dkr.ecr.us-east-1.amazonaws.com/r@sha256:" + "a" * 64,
                                            "arn:aws:logs:us-east-1:1:log-group:/vllm-pipeline/s/server:*", ["arn:x"], "aws"),
                 stack_iam.task_policy("s3://b/models/m/sha", "aws", ["s3://b/models/a/sha"]),
-                stack_iam.instance_policy("arn:aws:ecs:us-east-1:1:cluster/c", "aws", "us-east-1", "1")):
+                stack_iam.instance_policy("arn:aws:ecs:us-east-1:1:cluster/c", "aws", "us-east-1", "1"),
+                metrics_agent.task_policy("s", "aws", "us-east-1", "1")):
         for st in json.loads(doc)["Statement"]:
             granted.update(_actions(st))
     missing = sorted(a for a in granted if not any(fnmatch.fnmatchcase(a, b) for st in boundary["Statement"] for b in _actions(st)))

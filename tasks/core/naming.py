@@ -59,3 +59,8 @@ def iam_path(stack: str) -> str:
 
 def log_group_name(stack: str) -> str:
     return f"/vllm-pipeline/{stack}/server"
+
+
+def metrics_log_group_name(stack: str) -> str:
+    """Where the CloudWatch agent sidecar writes vLLM's metrics as embedded metric format logs."""
+    return f"/vllm-pipeline/{stack}/metrics"

@@ -3,7 +3,8 @@
 Four alarms (EcsGpuCapacity.alarms holds the thresholds): no healthy target, the share of requests
 the server answered 5xx, p95 of the targets' response time, and running tasks below desired (from
 Container Insights, which the stack's cluster has on; on a shared cluster without it that alarm
-sees no data and stays OK). Each alarm's description ends with a fingerprint of its whole
+sees no data and stays OK); a fifth, GPU memory near full, when the metrics agent runs (its
+threshold is in EcsGpuCapacity.metrics_agent). Each alarm's description ends with a fingerprint of its whole
 definition, so a redeploy puts an alarm again only when something in it changed. Alarms carry the
 stack's tag (the scan checks it); the topic is named after the stack.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-from blocks.ecs_capacity import AlarmSettings
+from blocks.ecs_capacity import AlarmSettings, MetricsAgentSettings
 from tasks.core.aws import Aws, unless_gone
 from tasks.core.naming import TAG_STACK, resource_name, tag_list
+from tasks.targets.ecs import metrics_agent
 
-ALARMS = ("no-healthy-targets", "target-5xx-rate", "p95-response-time", "running-below-desired")
+ALARMS = ("no-healthy-targets", "target-5xx-rate", "p95-response-time", "running-below-desired", "gpu-memory")
 _ELB = "AWS/ApplicationELB"
 
 
@@ -39,8 +41,9 @@ def _metric(namespace: str, name: str, dims: list[dict], stat: str, period: int 
 
 
 def alarm_specs(stack: str, settings: AlarmSettings, lb_arn: str, tg_arn: str, cluster: str,
-                topic_arn: str | None) -> list[dict]:
-    """put_metric_alarm's arguments (without tags), one per alarm in ALARMS order."""
+                topic_arn: str | None, agent: MetricsAgentSettings | None = None) -> list[tuple[str, dict]]:
+    """(what, put_metric_alarm's arguments without tags), in ALARMS order; the GPU-memory alarm only
+    with the metrics agent (it publishes the GPUs' memory)."""
     dims = elb_dimensions(lb_arn, tg_arn)
     ecs_dims = [{"Name": "ClusterName", "Value": cluster}, {"Name": "ServiceName", "Value": resource_name(stack, "service")}]
     actions = {"AlarmActions": [topic_arn], "OKActions": [topic_arn]} if topic_arn else {"AlarmActions": [], "OKActions": []}
@@ -75,11 +78,24 @@ def alarm_specs(stack: str, settings: AlarmSettings, lb_arn: str, tg_arn: str, c
             "EvaluationPeriods": s.running_below_desired_minutes, "DatapointsToAlarm": s.running_below_desired_minutes,
             "Threshold": 0.0, "ComparisonOperator": "GreaterThanThreshold", "TreatMissingData": "notBreaching"}),
     ]
+    if agent is not None:
+        gpu = metrics_agent.dimensions(stack)
+        specs.append(("gpu-memory", f"stack {stack}: GPU memory over {agent.gpu_memory_percent:g}% for "
+                                    f"{agent.gpu_memory_minutes} min (vLLM takes its gpu_memory_utilization at start)", {
+            "Metrics": [
+                {"Id": "used", "MetricStat": _metric(metrics_agent.NAMESPACE, metrics_agent.GPU_MEMORY_USED, gpu, "Maximum"),
+                 "ReturnData": False},
+                {"Id": "total", "MetricStat": _metric(metrics_agent.NAMESPACE, metrics_agent.GPU_MEMORY_TOTAL, gpu, "Maximum"),
+                 "ReturnData": False},
+                {"Id": "percent", "Expression": "100 * used / total", "Label": "GPU memory %", "ReturnData": True}],
+            "EvaluationPeriods": agent.gpu_memory_minutes, "DatapointsToAlarm": agent.gpu_memory_minutes,
+            "Threshold": float(agent.gpu_memory_percent), "ComparisonOperator": "GreaterThanThreshold",
+            "TreatMissingData": "notBreaching"}))
     out = []
     for what, description, body in specs:
         spec = {"AlarmName": alarm_name(stack, what), "ActionsEnabled": True, **actions, **body}
         fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        out.append({**spec, "AlarmDescription": f"{description} (vllm-pipeline; definition {fingerprint})"})
+        out.append((what, {**spec, "AlarmDescription": f"{description} (vllm-pipeline; definition {fingerprint})"}))
     return out
 
 

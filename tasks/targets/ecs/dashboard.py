@@ -1,5 +1,5 @@
 """A CloudWatch dashboard per stack: requests, latency percentiles, 5xx, healthy hosts, running and
-desired tasks, and the stack's alarms. Dashboards take no tags: the name (`vllm-<stack>-dashboard`)
+desired tasks, the stack's alarms, and with the metrics agent vLLM's queue, KV cache and the GPUs. Dashboards take no tags: the name (`vllm-<stack>-dashboard`)
 is how teardown finds it."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 
 from tasks.core.aws import Aws, unless_gone
 from tasks.core.naming import resource_name
+from tasks.targets.ecs import metrics_agent
 from tasks.targets.ecs.alarms import elb_dimensions
 
 _GONE = ("ResourceNotFound", "ResourceNotFoundException")
@@ -23,7 +24,9 @@ def console_url(region: str, name: str, partition: str = "aws") -> str:
     return f"https://{region}.{host}/cloudwatch/home?region={region}#dashboards/dashboard/{name}"
 
 
-def dashboard_body(stack: str, region: str, lb_arn: str, tg_arn: str, cluster: str, alarm_arns: list[str]) -> dict:
+def dashboard_body(stack: str, region: str, lb_arn: str, tg_arn: str, cluster: str, alarm_arns: list[str],
+                   agent: bool = False) -> dict:
+    """The widgets; with the metrics agent also vLLM's queue, its KV-cache use and the GPUs' utilisation and memory."""
     dims = elb_dimensions(lb_arn, tg_arn)
     lb = dims[0]["Value"]
     tg = dims[1]["Value"]
@@ -50,6 +53,18 @@ def dashboard_body(stack: str, region: str, lb_arn: str, tg_arn: str, cluster: s
                          ["ECS/ContainerInsights", "DesiredTaskCount", "ClusterName", cluster, "ServiceName", service,
                           {"label": "desired"}]], 0, 12, stat="Average"),
     ]
+    if agent:
+        ns, dims = metrics_agent.NAMESPACE, ["Stack", stack]
+        widgets += [
+            widget("vLLM queue (per task)", [[ns, metrics_agent.WAITING, *dims, {"label": "waiting"}],
+                                             [ns, metrics_agent.RUNNING, *dims, {"label": "running"}]], 0, 18, stat="Average"),
+            widget("KV cache used (0-1)", [[ns, metrics_agent.KV_CACHE, *dims, {"label": "KV cache"}]], 12, 18, stat="Maximum"),
+            widget("GPU", [[ns, metrics_agent.GPU_UTILIZATION, *dims, {"label": "utilisation %", "stat": "Average"}],
+                           [{"expression": "100 * used / total", "label": "memory %", "id": "mem"}],
+                           [ns, metrics_agent.GPU_MEMORY_USED, *dims, {"id": "used", "visible": False}],
+                           [ns, metrics_agent.GPU_MEMORY_TOTAL, *dims, {"id": "total", "visible": False}]], 0, 24,
+                   stat="Maximum"),
+        ]
     if alarm_arns:
         widgets.append({"type": "alarm", "x": 12, "y": 12, "width": 12, "height": 6,
                         "properties": {"title": "Alarms", "alarms": sorted(alarm_arns)}})

@@ -22,10 +22,10 @@ from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from tasks.core.aws import Aws, unless_gone
 from tasks.core.errors import PipelineInputError, retry_if_transient
-from tasks.core.naming import log_group_name, resource_name
+from tasks.core.naming import log_group_name, metrics_log_group_name, resource_name
 from tasks.core.secrets import ensure_secret, read_secret
 from tasks.core.state import Endpoint, ModelRef, Resource, StackState, save_state
-from tasks.targets.ecs import alarms, dashboard, gpu_hosts, iam, network, scaling
+from tasks.targets.ecs import alarms, dashboard, gpu_hosts, iam, metrics_agent, network, scaling
 from tasks.targets.ecs import service as svc
 
 _RETRY = dict(retries=4, retry_delay_seconds=[2, 5, 15, 45], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
@@ -68,6 +68,7 @@ def deploy_ecs(
 ) -> Endpoint:
     """Every resource, in order; returns the endpoint once `/v1/models` answers through the load balancer."""
     logger = get_run_logger()
+    agent = capacity.metrics_agent
     aws = Aws(store.credentials, capacity.region)
     partition, account = aws.partition(), aws.account()
 
@@ -92,6 +93,12 @@ def deploy_ecs(
     task_arn, made = step("role-task", iam.ensure_role, aws, stack, "task", "ecs-tasks.amazonaws.com",
                           iam.task_policy(model.s3_uri, partition, adapter_read_uris(adapters, adapter_index_uri)))
     rec.keep("iam-role", resource_name(stack, "task"), made)
+    if agent.enabled:
+        _, made = step("log-group-metrics", svc.ensure_log_group, aws, stack, capacity.log_retention_days,
+                       metrics_log_group_name(stack))
+        rec.keep("log-group", metrics_log_group_name(stack), made)
+    step("role-task-metrics-agent", iam.put_inline_policy, aws, resource_name(stack, "task"), metrics_agent.POLICY_NAME,
+         metrics_agent.task_policy(stack, partition, capacity.region, account) if agent.enabled else None)
 
     asg_name = provider = None
     if capacity.cluster:
@@ -124,7 +131,9 @@ def deploy_ecs(
         provider = rec.keep("capacity-provider", resource_name(stack, "gpu"), made)
 
     definition = svc.task_definition(stack, settings, capacity, instance_type, image_uri, model.s3_uri, exec_arn,
-                                     task_arn, secrets, {n: r.s3_uri for n, r in (adapters or {}).items()}, adapter_index_uri)
+                                     task_arn, secrets, {n: r.s3_uri for n, r in (adapters or {}).items()}, adapter_index_uri,
+                                     [metrics_agent.container(stack, capacity.region, capacity.container_port, svc.CONTAINER, agent)]
+                                     if agent.enabled else None)
     td_arn, made = step("task-definition", svc.register_task_definition, aws, definition)
     rec.keep("task-definition", definition["family"], made)
     if made:
@@ -163,18 +172,24 @@ def operate(stack: str, aws: Aws, capacity: EcsGpuCapacity, rec: Recorder, clust
         rid, made = step("scalable-target", scaling.ensure_scalable_target, aws, stack, cluster, capacity)
         rec.keep("scalable-target", rid, made)
         rec.keep("scaling-policy", *step("scaling-policy", scaling.ensure_scaling_policy, aws, stack, rid,
-                                         scaling.policy_configuration(capacity.scaling, lb_arn, tg_arn)))
+                                         scaling.policy_configuration(stack, capacity.scaling, lb_arn, tg_arn),
+                                         capacity.scaling.signal))
     alarm_arns: list[str] = []
     if capacity.alarms.enabled:
         topic = None
         if capacity.alarms.topic_subscriptions:
             topic = rec.keep("alarm-topic", *step("alarm-topic", alarms.ensure_topic, aws, stack))
             step("alarm-subscriptions", alarms.ensure_subscriptions, aws, topic, capacity.alarms.topic_subscriptions)
-        for what, spec in zip(alarms.ALARMS, alarms.alarm_specs(stack, capacity.alarms, lb_arn, tg_arn, cluster, topic)):
+        specs = alarms.alarm_specs(stack, capacity.alarms, lb_arn, tg_arn, cluster, topic,
+                                   capacity.metrics_agent if capacity.metrics_agent.enabled else None)
+        for what, spec in specs:
             name = rec.keep("alarm", *step(f"alarm-{what}", alarms.ensure_alarm, aws, stack, spec))
             alarm_arns.append(f"arn:{partition}:cloudwatch:{capacity.region}:{account}:alarm:{name}")
+        if not capacity.metrics_agent.enabled:  # the agent was turned off: its alarm would only ever say "no data"
+            step("alarm-gpu-memory-off", alarms.delete_alarm, aws, alarms.alarm_name(stack, "gpu-memory"))
     if capacity.dashboard:
-        body = dashboard.dashboard_body(stack, capacity.region, lb_arn, tg_arn, cluster, alarm_arns)
+        body = dashboard.dashboard_body(stack, capacity.region, lb_arn, tg_arn, cluster, alarm_arns,
+                                        agent=capacity.metrics_agent.enabled)
         name = rec.keep("dashboard", *step("dashboard", dashboard.ensure_dashboard, aws, stack, body))
         rec.state.settings["dashboard_url"] = dashboard.console_url(capacity.region, name, partition)
 

@@ -176,6 +176,18 @@ def delete_instance_profile(aws: Aws, name: str) -> bool:
     return True
 
 
+def put_inline_policy(aws: Aws, role: str, name: str, policy: str | None) -> bool:
+    """A second inline policy on a stack role, for a part that may come and go (the metrics agent's on
+    the task role): put when given, deleted when not. Its own name keeps it out of the way of the role's
+    main policy, which other flows put again (update-adapters widens the task role's reads). True when
+    it changed something."""
+    iam = aws.client("iam")
+    if policy is not None:
+        iam.put_role_policy(RoleName=role, PolicyName=name, PolicyDocument=policy)
+        return True
+    return unless_gone(lambda: iam.delete_role_policy(RoleName=role, PolicyName=name), "NoSuchEntity") is not None
+
+
 def delete_role(aws: Aws, name: str) -> bool:
     """Inline policies and attached managed policies first: IAM refuses to delete a role that has any."""
     iam = aws.client("iam")

@@ -1,5 +1,6 @@
 """Autoscaling of the vLLM service: an Application Auto Scaling target on its desired count and a
-target-tracking policy on the load balancer's requests per task (ALBRequestCountPerTarget).
+target-tracking policy on the load balancer's requests per task (ALBRequestCountPerTarget), or on
+vLLM's queue per task (`vllm:num_requests_waiting`, published by the metrics agent sidecar).
 
 Scale-out adds a task; the capacity provider's managed scaling then brings up a GPU host for it.
 Scale-in is safe by the target group's deregistration delay (EcsGpuCapacity.drain_s, at least
@@ -17,18 +18,21 @@ from __future__ import annotations
 from blocks.ecs_capacity import EcsGpuCapacity, ScalingSettings
 from tasks.core.aws import Aws
 from tasks.core.naming import resource_name, tags
+from tasks.targets.ecs import metrics_agent
 
 NAMESPACE = "ecs"
 DIMENSION = "ecs:service:DesiredCount"
-_CONFIG_KEYS = ("TargetValue", "PredefinedMetricSpecification", "ScaleOutCooldown", "ScaleInCooldown", "DisableScaleIn")
+_CONFIG_KEYS = ("TargetValue", "PredefinedMetricSpecification", "CustomizedMetricSpecification", "ScaleOutCooldown",
+                "ScaleInCooldown", "DisableScaleIn")
+_POLICY_BY_SIGNAL = {"requests": "requests-per-target", "queue": "waiting-per-task"}
 
 
 def service_resource_id(cluster: str, stack: str) -> str:
     return f"service/{cluster}/{resource_name(stack, 'service')}"
 
 
-def policy_name(stack: str) -> str:
-    return resource_name(stack, "requests-per-target")
+def policy_name(stack: str, signal: str = "requests") -> str:
+    return resource_name(stack, _POLICY_BY_SIGNAL[signal])
 
 
 def resource_label(lb_arn: str, tg_arn: str) -> str:
@@ -36,11 +40,19 @@ def resource_label(lb_arn: str, tg_arn: str) -> str:
     return f"{lb_arn.split(':loadbalancer/', 1)[1]}/{tg_arn.split(':', 5)[5]}"
 
 
-def policy_configuration(scaling: ScalingSettings, lb_arn: str, tg_arn: str) -> dict:
+def policy_configuration(stack: str, scaling: ScalingSettings, lb_arn: str, tg_arn: str) -> dict:
+    """The target-tracking configuration for the block's signal: the load balancer's requests per task,
+    or vLLM's queue per task as the metrics agent publishes it (its Average over the tasks' datapoints)."""
+    if scaling.signal == "queue":
+        target, metric = scaling.target_waiting_per_task, {"CustomizedMetricSpecification": {
+            "MetricName": metrics_agent.WAITING, "Namespace": metrics_agent.NAMESPACE,
+            "Dimensions": metrics_agent.dimensions(stack), "Statistic": "Average"}}
+    else:
+        target, metric = scaling.target_requests_per_minute, {"PredefinedMetricSpecification": {
+            "PredefinedMetricType": "ALBRequestCountPerTarget", "ResourceLabel": resource_label(lb_arn, tg_arn)}}
     return {
-        "TargetValue": float(scaling.target_requests_per_minute),
-        "PredefinedMetricSpecification": {"PredefinedMetricType": "ALBRequestCountPerTarget",
-                                          "ResourceLabel": resource_label(lb_arn, tg_arn)},
+        "TargetValue": float(target),
+        **metric,
         "ScaleOutCooldown": scaling.scale_out_cooldown_s,
         "ScaleInCooldown": scaling.scale_in_cooldown_s,
         "DisableScaleIn": False,
@@ -85,10 +97,16 @@ def _same(have: dict, wanted: dict) -> bool:
     return norm(have) == norm(wanted)
 
 
-def ensure_scaling_policy(aws: Aws, stack: str, resource_id: str, config: dict) -> tuple[str, bool]:
-    """The target-tracking policy; put again only when its configuration changed."""
-    name = policy_name(stack)
-    found = next((p for p in _policies(aws, resource_id) if p["PolicyName"] == name), None)
+def ensure_scaling_policy(aws: Aws, stack: str, resource_id: str, config: dict, signal: str = "requests") -> tuple[str, bool]:
+    """The target-tracking policy on the signal; put again only when its configuration changed. The
+    other signal's policy, from a deploy before the signal changed, is deleted: two target-tracking
+    policies would each scale out, and scale in only when both agree."""
+    name = policy_name(stack, signal)
+    policies = _policies(aws, resource_id)
+    for other in {policy_name(stack, s) for s in _POLICY_BY_SIGNAL} - {name}:
+        if any(p["PolicyName"] == other for p in policies):
+            delete_scaling_policy(aws, f"{resource_id}|{other}")
+    found = next((p for p in policies if p["PolicyName"] == name), None)
     if found is not None and found.get("PolicyType") == "TargetTrackingScaling" \
             and _same(found.get("TargetTrackingScalingPolicyConfiguration", {}), config):
         return f"{resource_id}|{name}", False

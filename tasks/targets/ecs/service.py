@@ -38,9 +38,10 @@ class DeployTimeout(RuntimeError):
 # ----------------------------------------------------------------------------------------------- logs
 
 
-def ensure_log_group(aws: Aws, stack: str, retention_days: int) -> tuple[str, bool]:
+def ensure_log_group(aws: Aws, stack: str, retention_days: int, name: str | None = None) -> tuple[str, bool]:
+    """The stack's log group (the server's, unless `name` names another of the stack's), tagged, with its retention."""
     logs = aws.client("logs")
-    name = log_group_name(stack)
+    name = name or log_group_name(stack)
 
     def find() -> dict | None:
         return next((g for g in logs.describe_log_groups(logGroupNamePrefix=name)["logGroups"] if g["logGroupName"] == name), None)
@@ -107,7 +108,8 @@ def host_share(instance_types: list[str], gpus: int) -> tuple[int, int]:
 
 def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCapacity, instance_type: str,
                     image_uri: str, model_uri: str, execution_role: str, task_role: str, secrets: dict[str, str],
-                    adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None) -> dict:
+                    adapters: dict[str, str] | None = None, adapter_index_uri: str | None = None,
+                    sidecars: list[dict] | None = None) -> dict:
     """register_task_definition's arguments. CPU and memory leave room for the ECS agent and the OS
     on the smallest instance the Auto Scaling group may launch; GPUs = tensor parallel size. The host's
     model cache is mounted at MODEL_CACHE_DIR (gpu_hosts.model_cache_mount): a restarted or rolled task
@@ -145,7 +147,7 @@ def task_definition(stack: str, settings: VllmServerSettings, capacity: EcsGpuCa
             "logConfiguration": {"logDriver": "awslogs", "options": {
                 "awslogs-group": log_group_name(stack), "awslogs-region": capacity.region,
                 "awslogs-stream-prefix": "vllm"}},
-        }],
+        }, *(sidecars or [])],
         "tags": tag_list(stack, "key", "value"),
     }
 
@@ -170,7 +172,8 @@ def register_task_definition(aws: Aws, definition: dict) -> tuple[str, bool]:
         have = {k: current.get(k) for k in wanted}
         wanted_defs = [{k: c.get(k) for k in w} for c, w in zip(current["containerDefinitions"], wanted["containerDefinitions"])]
         have["containerDefinitions"] = wanted_defs
-        if _comparable(have) == _comparable(wanted):
+        same_containers = len(current["containerDefinitions"]) == len(wanted["containerDefinitions"])  # a sidecar added or dropped
+        if same_containers and _comparable(have) == _comparable(wanted):
             return current["taskDefinitionArn"], False
     return ecs.register_task_definition(**definition)["taskDefinition"]["taskDefinitionArn"], True
 
