@@ -23,7 +23,7 @@ from enforced_aws import ACCOUNT, REGION, AwsSide, EnforcedAws, StandInVllm, ref
 from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
-from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity
+from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity, MetricsAgentSettings, ScalingSettings
 from blocks.image_build import ImageBuildSettings
 from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
@@ -148,7 +148,9 @@ def test_every_flow_runs_under_the_runner_policy(world, monkeypatch, tmp_path):
             VllmServerSettings(served_model_name="tiny", max_model_len=512, enable_lora=True,
                                max_lora_rank=8).save(f"{P}-server", overwrite=True)
             EcsGpuCapacity(region=REGION, ingress_cidrs=["10.1.0.0/16"], max_capacity=2, min_replicas=1, max_replicas=2,
-                           alarms=AlarmSettings(topic_subscriptions=["ops@example.com"])).save(f"{P}-capacity", overwrite=True)
+                           alarms=AlarmSettings(topic_subscriptions=["ops@example.com"]),
+                           metrics_agent=MetricsAgentSettings(enabled=True),  # its log group, role policy, alarm, queue scaling
+                           scaling=ScalingSettings(signal="queue")).save(f"{P}-capacity", overwrite=True)
             ImageBuildSettings(builder="codebuild", codebuild_bucket=bucket, credentials=creds, region=REGION,
                                codebuild_service_role_arn=f"arn:aws:iam::{ACCOUNT}:role/vllm-pipeline-codebuild",
                                ).save(f"{P}-build", overwrite=True)
