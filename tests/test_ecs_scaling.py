@@ -138,7 +138,11 @@ def test_autoscaling_alarms_topic_dashboard_shapes_redeploy_and_teardown(store, 
 
     body = json.loads(cw.get_dashboard(DashboardName=f"vllm-{stack}-dashboard")["DashboardBody"])
     titles = [w["properties"]["title"] for w in body["widgets"]]
-    assert titles == ["Requests", "Response time (s)", "5xx", "Targets", "Tasks", "Alarms"]
+    assert titles[:5] == ["Requests", "Response time (s)", "5xx", "Targets", "Tasks"] and titles[-1] == "Alarms"
+    price = state.settings["price_per_hour"]
+    assert titles[5] == f"Cost over the range shown (USD; tasks x ${price:g}/h)"
+    cost = body["widgets"][5]["properties"]["metrics"]
+    assert cost[0][0]["expression"] == f"RUNNING_SUM(FILL(tasks, 0) * {price:g} / 60)" and cost[1][-1]["id"] == "tasks"
     latency = body["widgets"][1]["properties"]["metrics"]
     assert [m[-1]["stat"] for m in latency] == ["p50", "p95", "p99"] and latency[0][3] == lb_dim
     assert sorted(body["widgets"][-1]["properties"]["alarms"]) == sorted(a["AlarmArn"] for a in found.values())

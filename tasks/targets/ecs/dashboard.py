@@ -1,5 +1,6 @@
 """A CloudWatch dashboard per stack: requests, latency percentiles, 5xx, healthy hosts, running and
-desired tasks, the stack's alarms, and with the metrics agent vLLM's queue, KV cache and the GPUs. Dashboards take no tags: the name (`vllm-<stack>-dashboard`)
+desired tasks, the stack's alarms, the cost over the range shown, and with the metrics agent vLLM's queue,
+KV cache and the GPUs. Dashboards take no tags: the name (`vllm-<stack>-dashboard`)
 is how teardown finds it."""
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def console_url(region: str, name: str, partition: str = "aws") -> str:
 
 
 def dashboard_body(stack: str, region: str, lb_arn: str, tg_arn: str, cluster: str, alarm_arns: list[str],
-                   agent: bool = False) -> dict:
-    """The widgets; with the metrics agent also vLLM's queue, its KV-cache use and the GPUs' utilisation and memory."""
+                   agent: bool = False, price_per_hour: float | None = None) -> dict:
+    """The widgets; with the metrics agent also vLLM's queue, its KV-cache use and the GPUs' utilisation and
+    memory. With the instance's price, the cost: running tasks x price, summed minute by minute over the
+    range the dashboard shows (one task per GPU host; a host's minutes without a task are not in it)."""
     dims = elb_dimensions(lb_arn, tg_arn)
     lb = dims[0]["Value"]
     tg = dims[1]["Value"]
@@ -65,6 +68,11 @@ def dashboard_body(stack: str, region: str, lb_arn: str, tg_arn: str, cluster: s
                            [ns, metrics_agent.GPU_MEMORY_TOTAL, *dims, {"id": "total", "visible": False}]], 0, 24,
                    stat="Maximum"),
         ]
+    if price_per_hour is not None:
+        widgets.append(widget(f"Cost over the range shown (USD; tasks x ${price_per_hour:g}/h)", [
+            [{"expression": f"RUNNING_SUM(FILL(tasks, 0) * {price_per_hour:g} / 60)", "label": "cost so far", "id": "cost"}],
+            ["ECS/ContainerInsights", "RunningTaskCount", "ClusterName", cluster, "ServiceName", service,
+             {"id": "tasks", "visible": False}]], 12, 24 if agent else 18, stat="Average"))
     if alarm_arns:
         widgets.append({"type": "alarm", "x": 12, "y": 12, "width": 12, "height": 6,
                         "properties": {"title": "Alarms", "alarms": sorted(alarm_arns)}})

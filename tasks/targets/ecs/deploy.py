@@ -189,7 +189,8 @@ def operate(stack: str, aws: Aws, capacity: EcsGpuCapacity, rec: Recorder, clust
             step("alarm-gpu-memory-off", alarms.delete_alarm, aws, alarms.alarm_name(stack, "gpu-memory"))
     if capacity.dashboard:
         body = dashboard.dashboard_body(stack, capacity.region, lb_arn, tg_arn, cluster, alarm_arns,
-                                        agent=capacity.metrics_agent.enabled)
+                                        agent=capacity.metrics_agent.enabled,
+                                        price_per_hour=rec.state.settings.get("price_per_hour"))
         name = rec.keep("dashboard", *step("dashboard", dashboard.ensure_dashboard, aws, stack, body))
         rec.state.settings["dashboard_url"] = dashboard.console_url(capacity.region, name, partition)
 
