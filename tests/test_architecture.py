@@ -1,5 +1,6 @@
 """The house rules of tasks/__init__.py, as tests: rooms import downwards only, and no product module
-imports the demo's stand-ins (embedded/)."""
+imports the demo's stand-ins (embedded/). The tool gateway (gateway/) is a service with its own image:
+it imports nothing of the pipeline, Prefect included (gateway/__init__.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT = ("flows", "tasks", "blocks", "images")
+PRODUCT = ("flows", "tasks", "blocks", "images", "gateway")
+# what the gateway's image does not hold: the pipeline's packages and Prefect
+NOT_IN_THE_GATEWAY = ("tasks", "flows", "blocks", "embedded", "images", "prefect", "prefect_aws")
 
 # room -> the rooms it may import (besides itself, blocks and third-party packages)
 CORE = {"tasks.core"}
@@ -69,6 +72,22 @@ def test_rooms_import_downwards_only(path: Path):
 def test_product_never_imports_the_stand_ins(path: Path):
     wrong = sorted(m for m in _imports(path) if m == "embedded" or m.startswith("embedded."))
     assert not wrong, f"{path.relative_to(REPO)} imports the demo kit: {wrong} (embedded/ is for tests, the demo and scripts)"
+
+
+def _pipeline_imports(path: Path) -> list[str]:
+    return sorted(m for m in _imports(path) if m.split(".")[0] in NOT_IN_THE_GATEWAY)
+
+
+@pytest.mark.parametrize("path", _files("gateway"), ids=lambda p: str(p.relative_to(REPO)))
+def test_the_gateway_stands_alone(path: Path):
+    wrong = _pipeline_imports(path)
+    assert not wrong, f"{path.relative_to(REPO)} imports {wrong}: the gateway is its own image, without the pipeline or Prefect"
+
+
+def test_the_gateway_rule_can_fail(tmp_path: Path):
+    module = tmp_path / "m.py"
+    module.write_text("import httpx\nfrom tasks.core.aws import aws_client\ndef f():\n    import prefect\n")
+    assert _pipeline_imports(module) == ["prefect", "tasks.core.aws", "tasks.core.aws.aws_client"]
 
 
 def test_the_rules_can_fail():

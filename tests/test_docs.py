@@ -21,7 +21,7 @@ RUNTIME_PATHS = (".venv/", ".venv-vllm/", ".venv-bfcl/", "~/.cache/vllm-pipeline
 # Python paths of other projects that pages quote (vLLM's and BFCL's sources), not of this repo.
 FOREIGN_SOURCES = ("vllm/", "bfcl_eval/", "fused_moe/", "experts/", "constants/")
 FILE_SUFFIXES = ("py", "md", "yaml", "yml", "json", "txt", "sh", "toml", "jinja")
-PACKAGES = ("tasks", "flows", "blocks", "embedded")
+PACKAGES = ("tasks", "flows", "blocks", "embedded", "gateway")
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE = re.compile(r"```.*?```|`[^`]+`", re.S)
