@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -24,10 +25,13 @@ from tasks.core.errors import PipelineInputError, flow
 from tasks.core.markdown import code, text
 from tasks.core.naming import check_stack_name, resource_name
 from tasks.core.state import ModelRef, StackState, delete_state, load_state, save_state
+from tasks.core.timeline import render as render_cold_start
 from tasks.stage.lora import check_adapters, find_staged_adapters, write_index
 from tasks.stage.models import find_staged_model
 from tasks.targets.ecs import metrics_agent
+from tasks.targets.ecs.coldstart import ecs_cold_start
 from tasks.targets.ecs.deploy import Recorder, deploy_ecs
+from tasks.targets.local.coldstart import local_cold_start
 from tasks.targets.local.server import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.teardown.rollback import rollback
 
@@ -77,6 +81,7 @@ def deploy(
     ready_timeout_s: float = 900, ttl_hours: float = 24, adapters: dict[str, ModelRef] | None = None,
 ) -> StackState:
     logger = get_run_logger()
+    deploy_at = time.time()
     state, etag = load_state(store, stack)
     _refuse_if_busy(state, stack, "local")
     if state is not None and state.target == "local" and state.status == "running" and endpoint_alive(state.endpoint):
@@ -96,12 +101,13 @@ def deploy(
     state.add_resource("secret", secret_arn)
     etag = save_state(store, state, etag)
     index = write_index(store, stack, state.adapters) if settings.enable_lora else None
+    requested_at = time.time()
     state.endpoint = start_local_server(stack, settings, model, secret_arn, _adapter_uris(adapters), index,
                                         credentials=store.credentials)
     state.add_resource("process", str(state.endpoint.pid))
     etag = save_state(store, state, etag)  # recorded before the wait: an interrupted deploy leaves nothing unknown
     try:
-        wait_local_ready(state.endpoint, ready_timeout_s, store.credentials)
+        ready = wait_local_ready(state.endpoint, ready_timeout_s, store.credentials)
     except BaseException as exc:
         stop_local_server(state.endpoint.pid)
         state.status = "failed"
@@ -109,6 +115,8 @@ def deploy(
         state.note(f"deploy failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         save_state(store, state, etag)
         raise
+    state.cold_start = local_cold_start(state.endpoint, deploy_at, requested_at, ready, store.credentials)
+    state.endpoint.own_requests = 1 if state.cold_start.get("first-token") else 0  # its probe: not traffic
     state.status = "running"
     state.set_replicas(1, "deploy")  # a stack scaled to zero is serving again
     state.note(f"running at {state.endpoint.url}")
@@ -122,6 +130,8 @@ def deploy(
             *_adapter_lines(state),
             f"- API key in Secrets Manager {code(secret_arn)}",
             f"- server log {code(state.endpoint.log_path)}",
+            "",
+            render_cold_start(state.cold_start),
         ]),
         key=f"deploy-{stack}",
         description=f"Stack {stack} deployed",
@@ -181,6 +191,7 @@ def deploy_to_ecs(
     """Plan, then create or update every resource of the stack; on failure roll back what this run made
     (`keep_failed`: keep it for debugging) and raise the error that caused it."""
     logger = get_run_logger()
+    deploy_at = time.time()
     check_image_uri(image_uri)
     plan = plan_task(store, model, settings, capacity)
     instance_type, settings, price = choose_instance(plan, capacity, settings)
@@ -205,6 +216,7 @@ def deploy_to_ecs(
         index = write_index(store, stack, state.adapters) if settings.enable_lora else None
         deploy_ecs(stack, store, settings, capacity, model, image_uri, instance_type, rec, hf_token, ready_timeout_s, poll_s,
                    state.adapters, index)
+        ready_at = time.time()
     except BaseException as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         state.note(f"deploy failed: {first}")
@@ -229,6 +241,7 @@ def deploy_to_ecs(
             state.note("update rolled back")
             rec.save()
         raise
+    state.cold_start = ecs_cold_start(store, capacity, stack, state.endpoint, deploy_at, ready_at, poll_s)
     state.status = "running"
     # what the deploy asked for; with autoscaling an update keeps the service's own count (at least one), not tracked here
     lo, hi = capacity.replicas  # the count a new service starts at (tasks/targets/ecs/service.py)
@@ -248,6 +261,8 @@ def deploy_to_ecs(
             f"- API key in Secrets Manager {code(state.endpoint.api_key_secret)}",
             *_operating_lines(state, capacity),
             f"- {len(state.resources)} resources recorded in {code(f's3://{store.bucket_name}/stacks/{stack}/state.json')}",
+            "",
+            render_cold_start(state.cold_start),
         ]),
         key=f"deploy-{stack}", description=f"Stack {stack} deployed",
     )

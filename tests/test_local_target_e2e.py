@@ -53,6 +53,33 @@ def test_deploy_records_endpoint_and_second_deploy_is_a_noop(strict_stack, stage
     assert again.endpoint.pid == strict_stack.endpoint.pid
 
 
+LOCAL_PHASES = ["deploy-start", "server-requested", "entrypoint-start", "fetch-begin", "fetch-end", "verify-end", "exec",
+                "engine-init", "weights-loaded", "kv-cache", "engine-ready", "api-server", "health", "ready", "first-token"]
+
+
+def test_deploy_records_and_shows_its_cold_start_phase_by_phase(strict_stack):
+    """The shared server's deploy (the session's first start of it): every phase, measured or from its
+    log, in the order a start goes through them; the deploy artifact shows them; the first-token probe
+    is not counted as traffic."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.core.timeline import PHASES
+
+    state, _ = load_state(ModelStore(), STRICT)
+    timeline = state.cold_start
+    names, ats = [p.name for p in timeline.phases], [p.at for p in timeline.phases]
+    assert names == LOCAL_PHASES and ats == sorted(ats), [(p.name, round(p.at - ats[0], 2)) for p in timeline.phases]
+    assert 5 < ats[-1] - ats[0] < 600 and timeline.get("fetch-end").detail.endswith("(7 files)")
+    assert state.endpoint.own_requests == 1
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"deploy-{STRICT}"])))
+    page = max(arts, key=lambda a: a.created).data
+    table = page.split("## Cold start", 1)[1]
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == \
+        [PHASES[n] for n in LOCAL_PHASES]
+
+
 def test_validate_semantic_passes_the_default_gate_and_reports_what_fails(strict_stack):
     report = validate(stack=STRICT, warmup_requests=4, modes=["required", "named", "none"])  # auto: test_lora_e2e
     assert report.passed

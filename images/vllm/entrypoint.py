@@ -13,6 +13,9 @@
    fetches it from S3 (by its manifest, verified) and loads it. That is how an adapter added to
    a running stack (flows/adapters.py) reaches every replica without a restart; removal is
    vLLM's /v1/unload_lora_adapter after the index no longer lists it.
+Each phase of a start (start, model fetch begin/end, verify end, exec) is one machine-readable line,
+`[entrypoint] phase=<name> t=<unix seconds> ...` (phase()): the deploy's cold-start timeline
+(tasks/core/timeline.py) reads them beside vLLM's own log lines.
 
 Environment:
   MODEL_URI          s3://bucket/prefix of a staged model (the folder holding _manifest.json)
@@ -40,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -59,6 +63,12 @@ _fetched: set[str] = set()  # what this process fetched: make_room never takes i
 
 def log(msg: str) -> None:
     print(f"[entrypoint] {msg}", file=sys.stderr, flush=True)
+
+
+def phase(name: str, **fields: object) -> None:
+    """One machine-readable line per cold-start phase (tasks/core/timeline.py parses them, from the local
+    target's log file and from CloudWatch alike): `[entrypoint] phase=<name> t=<unix seconds> key=value ...`."""
+    log(" ".join([f"phase={name}", f"t={time.time():.3f}", *(f"{k}={v}" for k, v in fields.items())]))
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -168,7 +178,7 @@ def make_room(cache_root: Path, need: int, keep: str, free: Callable[[], int] | 
     return deleted
 
 
-def fetch(uri: str, cache_root: Path, s3=None) -> Path:
+def fetch(uri: str, cache_root: Path, s3=None, phases: bool = False) -> Path:
     """Copy a staged model/adapter to cache_root/<bucket>/<prefix>, verified against its manifest.
 
     The folder is per model and revision (a staged prefix ends in the commit sha or the adapter's
@@ -178,7 +188,9 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
     at the disk's read rate); any other file is hashed, and fetched again when it does not match. A file
     damaged in place without a new mtime (bit rot) is not noticed here. Downloads land in temporary
     files renamed into place, and the marker is replaced whole, so a task killed mid-fetch leaves files
-    that are either verified or absent."""
+    that are either verified or absent. `phases`: log the cold-start phase lines (the served model's fetch)."""
+    if phases:
+        phase("fetch-begin", uri=uri)
     s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
     bucket, prefix = _split(uri)
     try:
@@ -188,6 +200,8 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
     key = f"{bucket}/{prefix}"
     target = cache_root / bucket / prefix
     files = manifest["files"]
+    total = sum(f["size"] for f in files)
+    fetched: list[int] = []  # sizes of the files downloaded (list.append is atomic across the pool's threads)
     with cache_lock(cache_root, key, uri):
         _fetched.add(key)
         hold_in_use(cache_root, key)
@@ -200,6 +214,9 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
         verified = seen.get("files", {}) if seen.get("manifest") == manifest else {}
         if verified and all(verified.get(f["path"]) == _stat(target / f["path"]) for f in files):
             log(f"{uri}: cached copy verified earlier and unchanged since, using {target}")
+            if phases:
+                phase("fetch-end", fetched_bytes=0, reused_bytes=total, files=len(files))
+                phase("verify-end", how="marker")
             return target
 
         def one(entry: dict) -> None:
@@ -213,6 +230,7 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
             os.close(fd)
             try:
                 s3.download_file(bucket, f"{prefix}/{entry['path']}", tmp)
+                fetched.append(entry["size"])
                 got = _sha256(Path(tmp))
                 if got != entry["sha256"]:
                     raise SystemExit(f"[entrypoint] {entry['path']}: sha256 {got} != manifest {entry['sha256']}")
@@ -227,10 +245,14 @@ def fetch(uri: str, cache_root: Path, s3=None) -> Path:
             f"({sum(f['size'] for f in files) / 1e6:.1f} MB in all)")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(one, files))
+        if phases:  # downloads are hashed as they land: most of the verifying is inside this phase
+            phase("fetch-end", fetched_bytes=sum(fetched), reused_bytes=total - sum(fetched), files=len(files))
         fd, tmp = tempfile.mkstemp(dir=target, prefix=".part-")
         with os.fdopen(fd, "w") as f:
             json.dump({"manifest": manifest, "files": {e["path"]: _stat(target / e["path"]) for e in files}}, f)
         os.replace(tmp, marker)
+    if phases:
+        phase("verify-end", how="sha256")
     return target
 
 
@@ -309,7 +331,7 @@ def vllm_args(env: dict[str, str], cache_root: Path) -> list[str]:
         model = uri.rstrip("/") + "/"
         args += ["--load-format", "runai_streamer"]
     else:
-        model = str(fetch(uri, cache_root))
+        model = str(fetch(uri, cache_root, phases=True))
     args = [a.replace("{model}", model) for a in args]
     adapters = startup_adapters(env)
     if adapters:
@@ -370,8 +392,10 @@ def run_batch(env: dict[str, str], cache_root: Path, s3=None) -> int:
 
 
 def main() -> None:
-    cache_root = usable_cache_root(Path(os.environ.get("MODEL_CACHE_DIR", "/models")))
     mode = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ENTRYPOINT_MODE", "serve")  # `entrypoint.py batch`
+    if mode != "api-server":  # that one is this process again, exec'd by build_command: the same start
+        phase("start", pid=os.getpid(), utc_offset=time.localtime().tm_gmtoff, mode=mode)
+    cache_root = usable_cache_root(Path(os.environ.get("MODEL_CACHE_DIR", "/models")))
     if mode == "batch":
         sys.exit(run_batch(dict(os.environ), cache_root))
     if mode == "api-server":  # what build_command execs when adapters can change at run time
@@ -381,6 +405,7 @@ def main() -> None:
         raise SystemExit(f"[entrypoint] ENTRYPOINT_MODE must be 'serve' or 'batch', not {mode!r}")
     cmd = build_command(dict(os.environ), cache_root)
     log("exec " + " ".join(cmd))
+    phase("exec")
     os.execv(cmd[0], cmd)
 
 

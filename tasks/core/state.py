@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from blocks.model_store import ModelStore
 from tasks.core.errors import PipelineInputError
 from tasks.core.s3 import s3_client, utc_now
+from tasks.core.timeline import Timeline
 
 
 class StateConflict(RuntimeError):
@@ -36,6 +37,7 @@ class Endpoint(BaseModel):
     pid: int | None = None  # local target only; None while the stack is scaled to zero
     log_path: str | None = None  # local target only
     started_at: str | None = None  # local target: when this server process started (its request counters start at 0)
+    own_requests: int = 0  # local target: completions the deploy itself sent (the first-token probe): not traffic
 
 
 class ModelRef(BaseModel):
@@ -96,6 +98,7 @@ class StackState(BaseModel):
     history: list[str] = Field(default_factory=list)
     lock_until: str | None = None  # a deploy in progress holds the stack until then (flows/deploy.py)
     scale: Scale | None = None  # None: a record from before scale to zero (it runs desired_count replicas)
+    cold_start: Timeline | None = None  # the last deploy's start, phase by phase (tasks/core/timeline.py)
 
     def add_resource(self, kind: str, id: str, region: str | None = None) -> None:
         if not any(r.kind == kind and r.id == id for r in self.resources):

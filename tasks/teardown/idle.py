@@ -123,6 +123,8 @@ def sample_local(store: ModelStore, state: StackState, now: datetime) -> Traffic
     counters = read_counters(ep.url) if alive else None
     if alive and counters is None:  # busy or answering oddly: unknown, not "no request" (reap spares it this round)
         raise RuntimeError(f"stack {state.stack!r}: the server is running but its /metrics counters could not be read")
+    if counters is not None and ep.own_requests:  # the deploy's first-token probe is not use (tasks/targets/local/coldstart.py)
+        counters = counters.model_copy(update={"served": max(0, counters.served - ep.own_requests)})
     pid, started_at = (ep.pid, ep.started_at) if alive else (0, None)
     traffic = update_traffic(store, state.stack, lambda t: record_counters(t, pid, started_at, counters, now))
     return TrafficReading(traffic=traffic, requests_last_hour=served_since(traffic.samples, now - HOUR))

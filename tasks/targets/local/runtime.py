@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -25,6 +26,13 @@ ENTRYPOINT = REPO_ROOT / "images" / "vllm" / "entrypoint.py"
 
 class ServerStartError(RuntimeError):
     """The server died or never became ready; the message quotes its log."""
+
+
+class ReadyTimes(NamedTuple):
+    """When the wait saw the server answer (unix seconds; it polls once a second): the cold-start timeline's ends."""
+
+    health_at: float  # the first /health 200
+    ready_at: float  # /v1/models listing the served name
 
 
 def stack_dir(stack: str) -> Path:
@@ -92,20 +100,22 @@ def start_server(
     return proc.pid, f"http://127.0.0.1:{port}", str(log_path)
 
 
-def wait_ready(pid: int, url: str, served_name: str, api_key: str, log_path: str, timeout: float) -> None:
+def wait_ready(pid: int, url: str, served_name: str, api_key: str, log_path: str, timeout: float) -> ReadyTimes:
     """Until /health is 200 and /v1/models lists the served name; a dead process fails at once."""
     deadline = time.monotonic() + timeout
     headers = {"Authorization": f"Bearer {api_key}"}
     last = "no answer yet"
+    health_at = None
     with httpx.Client(timeout=5) as http:
         while time.monotonic() < deadline:
             if not _alive(pid):
                 raise ServerStartError(f"the vLLM server (pid {pid}) exited during start-up; last log lines:\n{tail(log_path)}")
             try:
                 if http.get(f"{url}/health").status_code == 200:
+                    health_at = health_at or time.time()
                     models = http.get(f"{url}/v1/models", headers=headers)
                     if models.status_code == 200 and served_name in [m["id"] for m in models.json()["data"]]:
-                        return
+                        return ReadyTimes(health_at, time.time())
                     last = f"/v1/models answered {models.status_code}: {models.text[:200]}"
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}"

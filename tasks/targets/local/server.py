@@ -12,7 +12,7 @@ from tasks.core.errors import retry_if_transient
 from tasks.core.s3 import utc_now
 from tasks.core.secrets import ensure_secret, read_secret
 from tasks.core.state import Endpoint, ModelRef
-from tasks.targets.local.runtime import is_our_server, start_server, stop_server, wait_ready
+from tasks.targets.local.runtime import ReadyTimes, is_our_server, start_server, stop_server, wait_ready
 
 _RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 
@@ -50,11 +50,13 @@ def start_local_server(
 
 
 @task(name="wait-local-vllm-ready", cache_policy=NO_CACHE)
-def wait_local_ready(endpoint: Endpoint, ready_timeout_s: float, credentials: AwsCredentials | None = None) -> None:
-    """Until the server serves the model; a dead server fails at once, quoting its log."""
+def wait_local_ready(endpoint: Endpoint, ready_timeout_s: float, credentials: AwsCredentials | None = None) -> ReadyTimes:
+    """Until the server serves the model; a dead server fails at once, quoting its log. Returns when it
+    first answered /health and /v1/models (the cold-start timeline's, tasks/targets/local/coldstart.py)."""
     api_key = read_secret(endpoint.api_key_secret, credentials).get_secret_value()
-    wait_ready(endpoint.pid, endpoint.url, endpoint.served_model_name, api_key, endpoint.log_path, ready_timeout_s)
+    ready = wait_ready(endpoint.pid, endpoint.url, endpoint.served_model_name, api_key, endpoint.log_path, ready_timeout_s)
     get_run_logger().info("vLLM server ready at %s serving %r", endpoint.url, endpoint.served_model_name)
+    return ready
 
 
 @task(name="stop-local-vllm", cache_policy=NO_CACHE)
