@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_store import ModelStore
-from tasks.core.aws import Aws
+from tasks.core.aws import Aws, error_code
 from tasks.core.errors import retry_if_transient
 from tasks.core.naming import log_group_name, resource_name
 from tasks.core.secrets import read_secret
@@ -121,7 +121,7 @@ def log_events(aws: Aws, stack: str, since: float, stream: str | None) -> list[t
         try:
             page = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True, **kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":  # the task has not logged yet
+            if error_code(exc) == "ResourceNotFoundException":  # the task has not logged yet
                 return out
             raise
         out += [(e["message"], e["timestamp"] / 1000) for e in page["events"]]
