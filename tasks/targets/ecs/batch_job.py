@@ -26,6 +26,7 @@ from tasks.targets.ecs.gpu_hosts import CONTAINER_MODEL_DIR, model_cache_mount
 from tasks.targets.ecs.service import host_share
 
 CONTAINER = "vllm-batch"
+SHARD_TAG = "vllm-pipeline:batch-shard"
 _SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:(secretsmanager|ssm):[a-z0-9-]+:\d{12}:(secret:|parameter/).+$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$")
 
@@ -121,15 +122,22 @@ def register(ecs, stack: str, job: EcsBatchJob, settings: VllmServerSettings, mo
     return ecs.register_task_definition(**task_definition(stack, job, settings, model_uri))["taskDefinition"]["taskDefinitionArn"]
 
 
-def run_batch_task(ecs, stack: str, job: EcsBatchJob, task_def_arn: str, input_uri: str, output_uri: str) -> str:
-    """run_task on the GPU capacity provider; returns the task ARN or fails with ECS's reason."""
+def run_batch_task(ecs, stack: str, job: EcsBatchJob, task_def_arn: str, input_uri: str, output_uri: str,
+                   shard: str | None = None) -> str:
+    """run_task on the GPU capacity provider; returns the task ARN or fails with ECS's reason. A shard of
+    a sharded batch ("2/4") is one such task: its URIs are its own, and it is named in its environment
+    (BATCH_SHARD, shown with the task's overrides) and in a tag (the console tells the shards' tasks apart)."""
+    environment = [{"name": "BATCH_INPUT_URI", "value": input_uri}, {"name": "BATCH_OUTPUT_URI", "value": output_uri}]
+    tags = tag_list(stack, "key", "value")
+    if shard is not None:
+        environment.append({"name": "BATCH_SHARD", "value": shard})
+        tags.append({"key": SHARD_TAG, "value": shard})
     try:
         resp = ecs.run_task(
             cluster=job.cluster, taskDefinition=task_def_arn, count=1,
             capacityProviderStrategy=[{"capacityProvider": job.capacity_provider, "weight": 1, "base": 0}],
-            overrides={"containerOverrides": [{"name": CONTAINER, "environment": [
-                {"name": "BATCH_INPUT_URI", "value": input_uri}, {"name": "BATCH_OUTPUT_URI", "value": output_uri}]}]},
-            startedBy="vllm-pipeline-batch", tags=tag_list(stack, "key", "value"), propagateTags="TASK_DEFINITION",
+            overrides={"containerOverrides": [{"name": CONTAINER, "environment": environment}]},
+            startedBy="vllm-pipeline-batch", tags=tags, propagateTags="TASK_DEFINITION",
             enableECSManagedTags=True,
         )
     except ClientError as exc:
