@@ -17,6 +17,7 @@ class GpuInstance(BaseModel):
     vcpus: PositiveInt
     memory_gib: PositiveInt
     price_per_hour: PositiveFloat
+    network_gbps: PositiveFloat | None = None  # published; the cold-start estimate's S3 bandwidth
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,9 @@ _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _VPC = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 _CLUSTER = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+# An image reference: [registry/]repository[:tag][@sha256:digest], nothing a shell would read (user data runs it)
+_IMAGE_REF = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._/-][a-z0-9]+)*)*(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+_PRIVATE_ECR = re.compile(r"^\d{12}\.dkr\.ecr\.")
 _CERT = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[0-9a-f-]+$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -150,6 +153,13 @@ class EcsGpuCapacity(Block):
         description="Public SSM parameter naming the ECS GPU-optimized AMI.",
     )
     price_overrides: dict[str, float] = Field(default_factory=dict, description="USD per hour by instance type.")
+    prepull_images: list[str] = Field(
+        default_factory=list,
+        description="Public images each new GPU host pulls in the background while it boots (user data), e.g. the "
+                    "vLLM base image the project image is built FROM, pinned by digest: the task then pulls only the "
+                    "project's small layers. Not private ECR (the hosts' role has no ECR rights; the ECS agent pulls "
+                    "the task's image with the execution role). Once per AMI instead of per host: bake an AMI and "
+                    "name it in ami_parameter (docs/ecs.md#image-pre-pull).")
 
     @field_validator("region")
     @classmethod
@@ -196,6 +206,17 @@ class EcsGpuCapacity(Block):
     def _vpc(cls, value: str | None) -> str | None:
         if value is not None and not _VPC.match(value):
             raise ValueError(f"{value!r} is not a VPC id")
+        return value
+
+    @field_validator("prepull_images")
+    @classmethod
+    def _prepull(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not _IMAGE_REF.match(ref):
+                raise ValueError(f"{ref!r} is not an image reference ([registry/]repository[:tag][@sha256:digest])")
+            if _PRIVATE_ECR.match(ref):
+                raise ValueError(f"{ref!r} is in a private ECR registry, which the GPU hosts' instance role cannot pull "
+                                 "from: pre-pull its public base image instead (the project image's FROM)")
         return value
 
     @field_validator("cluster")

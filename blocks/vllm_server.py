@@ -7,6 +7,7 @@ setting means the same thing everywhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator
@@ -40,7 +41,7 @@ _OWNED_FLAGS = {
     "--tool-call-parser", "--chat-template", "--enable-lora", "--lora-modules", "--quantization",
     "--tool-strict-level", "--enable-auto-tool-choice", "--enforce-eager", "--max-lora-rank", "--max-loras",
     "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--enable-prefix-caching",
-    "--no-enable-prefix-caching", "-tp", "-q",
+    "--no-enable-prefix-caching", "-tp", "-q", "--load-format",
 }
 
 
@@ -73,6 +74,12 @@ class VllmServerSettings(Block):
     extra_args: list[str] = Field(default_factory=list, description="Further vLLM flags, passed as given.")
     api_key: SecretStr | None = Field(default=None, description="Bearer key clients must send; never logged.")
     cpu_kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU (local) runs.")
+    load_format: Literal["auto", "runai_streamer"] = Field(
+        default="auto",
+        description="'auto': the entrypoint downloads the model into the (host) cache, verifying every sha256, then "
+                    "vLLM loads it from disk. 'runai_streamer': vLLM streams the safetensors straight from S3 with the "
+                    "Run:ai Model Streamer after the entrypoint checked each object's size and recorded sha256 against "
+                    "the manifest (the streamed bytes are not hashed; no host cache): docs/deploy-local.md#load-straight-from-s3.")
 
     @field_validator("gpu_memory_utilization")
     @classmethod

@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -314,24 +315,147 @@ def register_index_resolver(index_uri: str, cache_root: Path) -> None:
     LoRAResolverRegistry.register_resolver("s3-adapter-index", S3IndexResolver())
 
 
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+class Preimport:
+    """Import vLLM's API server in a thread while the model downloads, so the server starts in this process
+    as soon as the model is verified, without paying the import again (~10 s on 2 cores, more on a busy host).
+
+    Why only the import, not vLLM's start: the API server reads the model's config.json and tokenizer at
+    once, and the engine-core process it forks opens every weight file as soon as its worker is up; vLLM
+    has no hook to wait for a file, nor to load only what was verified. Starting it before the fetch ends
+    would load files that are partly written or not yet checked. The import reads no model file, takes no
+    signal handler and starts no process, so it runs beside the fetch; it is joined before the server
+    starts, so vLLM forks its engine from a process with one thread, as after an exec."""
+
+    def __init__(self, module: str = SERVER_MODULE) -> None:
+        self.module = module
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vllm-preimport", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            __import__(self.module)
+        except BaseException as exc:  # noqa: BLE001 - reported by ready(); the start falls back to exec
+            self.error = exc
+
+    def ready(self) -> bool:
+        self.thread.join()
+        if self.error is not None:
+            log(f"importing vLLM beside the fetch failed ({self.error!r}): starting it by exec instead")
+        return self.error is None
+
+
+def preimport_wanted(env: dict[str, str]) -> bool:
+    """ENTRYPOINT_PREIMPORT (default on) and the model is fetched here: streamed, there is nothing to overlap."""
+    return env.get("ENTRYPOINT_PREIMPORT", "1") not in ("0", "false") and env.get("MODEL_LOAD_FORMAT", "auto") == "auto"
+
+
 def serve_in_process(args: list[str], env: dict[str, str], cache_root: Path) -> None:
-    """The vLLM OpenAI server in this process, with the index resolver registered first."""
-    register_index_resolver(env["LORA_INDEX_URI"], cache_root)
+    """The vLLM OpenAI server in this process, with the index resolver registered first (runtime LoRA)."""
+    if runtime_lora(env):
+        register_index_resolver(env["LORA_INDEX_URI"], cache_root)
     from vllm.entrypoints.launchers.api_server.entry import main as serve
 
     sys.argv = ["vllm-openai-api-server", *args]
     serve()
 
 
+def check_objects(uri: str, s3=None, phases: bool = False) -> dict[str, str]:
+    """MODEL_LOAD_FORMAT=runai_streamer: vLLM reads the model from S3 itself (the Run:ai streamer for the
+    safetensors, its pull_files for config and tokenizer) and hashes nothing, so this is what is checked
+    before it starts, against the manifest the stage flow wrote after hashing every byte it uploaded:
+    - every file the manifest lists is an object under the prefix, with the manifest's size and with the
+      sha256 the stage flow recorded on the object (`x-amz-meta-sha256`, set only once it had hashed the
+      bytes; tasks/stage/transfer.py) equal to the manifest's;
+    - the prefix holds no `*.safetensors` the manifest does not list (vLLM loads every one it lists there).
+    Not verified: the bytes vLLM then streams. A HEAD does not read them, and the streamer sends no
+    If-Match, so an object overwritten between this check and the load, or overwritten by someone who
+    also copied its metadata, is loaded as it is; the default load format ('auto') hashes what it loads.
+    Returns {path: ETag} of what was checked (logged, so a later change of an object can be told)."""
+    s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
+    bucket, prefix = _split(uri)
+    try:
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        raise SystemExit(f"[entrypoint] {uri} has no {MANIFEST}: the model is not (completely) staged") from None
+    files = manifest["files"]
+
+    def one(entry: dict) -> tuple[str, str]:
+        key = f"{prefix}/{entry['path']}"
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except s3.exceptions.ClientError as exc:
+            raise SystemExit(f"[entrypoint] {entry['path']}: not in S3 ({exc.response['Error'].get('Code')}): "
+                             f"the staged model is incomplete") from None
+        recorded = head.get("Metadata", {}).get("sha256")
+        if head["ContentLength"] != entry["size"]:
+            raise SystemExit(f"[entrypoint] {entry['path']}: {head['ContentLength']} bytes in S3 != manifest {entry['size']}")
+        if recorded != entry["sha256"]:
+            raise SystemExit(f"[entrypoint] {entry['path']}: sha256 recorded on the object {recorded} != manifest "
+                             f"{entry['sha256']}: it was not written by the stage flow that wrote this manifest")
+        return entry["path"], head["ETag"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        etags = dict(pool.map(one, files))
+    listed = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        listed |= {o["Key"][len(prefix) + 1:] for o in page.get("Contents", []) if o["Key"].endswith(".safetensors")}
+    extra = sorted(listed - set(etags))
+    if extra:
+        raise SystemExit(f"[entrypoint] {uri}: safetensors not in the manifest, which vLLM would load too: {extra}")
+    log(f"{uri}: {len(files)} objects match the manifest by size and recorded sha256 "
+        f"({sum(f['size'] for f in files) / 1e6:.1f} MB, streamed by vLLM, not hashed here)")
+    if phases:
+        phase("verify-end", how="s3-head", files=len(files))
+    return etags
+
+
+STAND_IN_STREAMER = {  # streamer_environment: for an S3 stand-in at AWS_ENDPOINT_URL
+    "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+    "RUNAI_STREAMER_CONCURRENCY": "2",
+    "RUNAI_STREAMER_CHUNK_BYTESIZE": str(64 << 20),
+}
+
+
+def streamer_environment(env: dict[str, str], region: str | None) -> dict[str, str]:
+    """What the Run:ai streamer's C++ S3 client needs beyond the environment, for vLLM's process. It reads
+    AWS_ENDPOINT_URL itself (moto, an S3-compatible store) but addresses buckets virtual-hosted by default
+    (`bucket.host`), which such endpoints rarely resolve: path-style there. And its CRT HTTP client drops a
+    connection whose throughput stays under a minimum (aws-c-http AWS_ERROR_HTTP_CHANNEL_THROUGHPUT_FAILURE),
+    which a one-process stand-in (moto on 2 cores) serving its default 8 ranged GETs of 8 MiB at once does
+    not meet: it retried forever there. Two streams of 64 MiB ranges load; S3 itself keeps the defaults.
+    Its region comes from AWS_REGION (it cannot ask the instance metadata from a container on the GPU hosts:
+    hop limit 1), so the one boto3 found is passed on. A value already set wins."""
+    out: dict[str, str] = {}
+    if "RUNAI_STREAMER_LOG_TO_STDERR" not in env:  # its load time reaches the log (the cold-start timeline)
+        out["RUNAI_STREAMER_LOG_TO_STDERR"] = "1"
+    if env.get("AWS_ENDPOINT_URL"):
+        out.update({k: v for k, v in STAND_IN_STREAMER.items() if k not in env})
+    if region and not env.get("AWS_REGION"):
+        out["AWS_REGION"] = region
+    return out
+
+
 def vllm_args(env: dict[str, str], cache_root: Path) -> list[str]:
-    """VLLM_ARGS with the model (and LoRA adapters) fetched and put in place."""
+    """VLLM_ARGS with the model (and LoRA adapters) fetched and put in place. With the streamer, the
+    objects are checked (check_objects) and the streamer's environment is set in this process, which
+    vLLM inherits (exec or subprocess)."""
     args = json.loads(env.get("VLLM_ARGS", "[]"))
     uri = env["MODEL_URI"]
-    if env.get("MODEL_LOAD_FORMAT", "auto") == "runai_streamer":
+    load_format = env.get("MODEL_LOAD_FORMAT", "auto")
+    if load_format == "runai_streamer":
+        s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
+        check_objects(uri, s3, phases=True)
+        os.environ.update(streamer_environment(env, s3.meta.region_name))
         model = uri.rstrip("/") + "/"
         args += ["--load-format", "runai_streamer"]
-    else:
+    elif load_format == "auto":
         model = str(fetch(uri, cache_root, phases=True))
+    else:
+        raise SystemExit(f"[entrypoint] MODEL_LOAD_FORMAT must be 'auto' or 'runai_streamer', not {load_format!r}")
     args = [a.replace("{model}", model) for a in args]
     adapters = startup_adapters(env)
     if adapters:
@@ -403,7 +527,15 @@ def main() -> None:
         return
     if mode != "serve":
         raise SystemExit(f"[entrypoint] ENTRYPOINT_MODE must be 'serve' or 'batch', not {mode!r}")
-    cmd = build_command(dict(os.environ), cache_root)
+    env = dict(os.environ)
+    early = Preimport() if preimport_wanted(env) else None
+    cmd = build_command(env, cache_root)
+    if early is not None and early.ready():
+        args = cmd[3:]  # after [python, -m, module] or [python, entrypoint, api-server]
+        log("serve in this process (vLLM imported while the model was fetched): " + " ".join(args))
+        phase("exec", how="in-process")
+        serve_in_process(args, env, cache_root)
+        return
     log("exec " + " ".join(cmd))
     phase("exec")
     os.execv(cmd[0], cmd)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from blocks.catalogue import gpu_instances
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.vllm_server import VllmServerSettings
+from tasks.capacity.coldstart import TimeToReady, estimate
 from tasks.capacity.memory import (
     BLOCK_TOKENS,
     Candidate,
@@ -49,6 +50,8 @@ class CapacityPlan(BaseModel):
     configured: Candidate | None = Field(default=None, description="The capacity block's instance_type, evaluated.")
     refusal: str | None = Field(default=None, description="Why nothing fits and what to change (one line).")
     notes: list[str] = Field(default_factory=list)
+    time_to_ready: TimeToReady | None = Field(
+        default=None, description="The chosen instance's cold start on a new host, on paper (tasks/capacity/coldstart.py).")
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -126,6 +129,8 @@ def plan(
     fitting = [c for c in by_hardware(result.candidates) if c.fits]
     if fitting:
         result.chosen, result.alternatives = fitting[0], fitting[1:]
+        result.time_to_ready = estimate(catalogue[result.chosen.instance_type], weight_bytes, settings.load_format,
+                                        prepulled=bool(capacity and capacity.prepull_images), enforce_eager=s.enforce_eager)
     else:
         result.refusal = _refusal(result, model_name)
     if capacity is not None:

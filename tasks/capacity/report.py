@@ -6,6 +6,7 @@ Pure text from a `CapacityPlan`; every number it shows is computed in tasks.capa
 from __future__ import annotations
 
 from tasks.capacity.choice import CapacityPlan, by_hardware
+from tasks.capacity.coldstart import describe
 from tasks.capacity.memory import (
     CUDA_GRAPH_MAX_SIZE,
     CUDA_GRAPH_PIECE_MIB,
@@ -43,6 +44,8 @@ def render_markdown(p: CapacityPlan) -> str:
         if c.tensor_parallel_size != s.requested_tensor_parallel_size:
             lines.append(f"- set `tensor_parallel_size={c.tensor_parallel_size}` "
                          f"(the settings say {s.requested_tensor_parallel_size})")
+        if p.time_to_ready:
+            lines.append(f"- time to ready: {describe(p.time_to_ready)} (a paper estimate: docs/capacity.md#time-to-ready)")
     else:
         lines += ["**Nothing fits.**", "", f"> {p.refusal}"]
     if p.configured:

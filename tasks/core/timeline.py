@@ -82,6 +82,10 @@ VLLM_PHASES: list[tuple[str, re.Pattern, bool]] = [
 _ENTRY = re.compile(r"\[entrypoint\] phase=(?P<name>[\w-]+) t=(?P<t>\d+(?:\.\d+)?)(?P<rest>.*)")
 _FIELD = re.compile(r"(\w+)=(\S+)")
 _VLLM = re.compile(r"\((?P<proc>[\w-]+) pid=(?P<pid>\d+)\) [A-Z]+ (?P<stamp>\d\d-\d\d \d\d:\d\d:\d\d) \[[^\]]*\] (?P<msg>.*)")
+# The Run:ai streamer's own line (runai_model_streamer 0.17, its Python logger on stderr: the entrypoint sets
+# RUNAI_STREAMER_LOG_TO_STDERR=1); vLLM's streamer loader logs no load time of its own. Its stamp: local time, ms.
+_RUNAI = re.compile(r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(?P<ms>\d{3}) \[INFO\] \[RunAI Streamer\] "
+                    r"Overall time to stream (?P<size>.+?) of all files to (?P<device>\w+): (?P<s>[\d.]+)s")
 _HEALTH = re.compile(r'"GET /health HTTP/[\d.]+" 200')  # uvicorn's access line: no time of its own
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LAST = {name for name, _, last in VLLM_PHASES if last}
@@ -168,10 +172,13 @@ def _entry_detail(name: str, fields: dict[str, str]) -> str:
     if name == "fetch-end" and "fetched_bytes" in fields:
         return (f"{_mb(fields['fetched_bytes'])} fetched from S3, {_mb(fields.get('reused_bytes', '0'))} reused from the "
                 f"host cache ({fields.get('files', '?')} files)")
+    if name == "exec" and fields.get("how") == "in-process":
+        return "in the entrypoint's process: vLLM was imported while the model was fetched"
     if name == "fetch-begin" and "uri" in fields:
         return fields["uri"]
     if name == "verify-end" and fields.get("how"):
-        return {"marker": "unchanged since verified (no re-hash)", "sha256": "sha256 of every file against the manifest"}.get(
+        return {"marker": "unchanged since verified (no re-hash)", "sha256": "sha256 of every file against the manifest",
+                "s3-head": "S3 objects' sizes and recorded sha256 against the manifest (streamed by vLLM, not hashed)"}.get(
             fields["how"], fields["how"])
     return ""
 
@@ -233,6 +240,11 @@ def parse_log(lines: Iterable[str | tuple[str, float | None]], pid: int | None =
                         t = latest  # cut to the second: it was written after the line above
                     phase = Phase(name=name, at=t, source="vllm", detail=_vllm_detail(name, hit))
                     break
+        elif m := _RUNAI.search(line):
+            t = at if stamped else (datetime.strptime(m.group("stamp"), "%Y-%m-%d %H:%M:%S").replace(
+                tzinfo=timezone(timedelta(seconds=utc_offset))).timestamp() + int(m.group("ms")) / 1000)
+            phase = Phase(name="weights-loaded", at=t, source="vllm",
+                          detail=f"Run:ai streamer: {m.group('size')} to {m.group('device')} in {float(m.group('s')):.1f} s")
         elif stamped and "health" not in found and _HEALTH.search(line):
             phase = Phase(name="health", at=at, source="vllm", detail="uvicorn's access log")
         if phase is not None:

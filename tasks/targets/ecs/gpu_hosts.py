@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import math
+import shlex
 import time
 
 from botocore.exceptions import ClientError
@@ -51,6 +52,26 @@ ECS_CONTAINER_STOP_TIMEOUT=120s
 ECS_IMAGE_PULL_BEHAVIOR=prefer-cached
 CONF
 """
+
+
+# EcsGpuCapacity.prepull_images: pulled in the background (the user data must end for the agent to start and
+# join), once Docker answers; the task's own pull then finds the layers (ECS_IMAGE_PULL_BEHAVIOR=prefer-cached,
+# and Docker joins a pull already in progress). Its log: /var/log/vllm-pipeline-prepull.log on the host.
+PREPULL = """
+(until docker info >/dev/null 2>&1; do sleep 2; done
+ for image in {images}; do
+   start=$(date +%s)
+   if docker pull "$image"; then echo "pre-pulled $image in $(( $(date +%s) - start )) s"; else echo "pre-pull of $image failed"; fi
+ done) >>/var/log/vllm-pipeline-prepull.log 2>&1 &
+"""
+
+
+def user_data(capacity: EcsGpuCapacity, cluster: str) -> str:
+    """The hosts' boot script: the model cache folder, the ECS agent's configuration, the optional pre-pull."""
+    script = USER_DATA.format(cluster=cluster, uid=CONTAINER_UID, cache=MODEL_CACHE_HOST_PATH)
+    if capacity.prepull_images:  # the block's validator admits only plain references; quoted all the same
+        script += PREPULL.format(images=" ".join(shlex.quote(ref) for ref in capacity.prepull_images))
+    return script
 
 
 def gpu_ami(aws: Aws, parameter: str) -> str:
@@ -102,13 +123,12 @@ def root_volume_gib(capacity: EcsGpuCapacity, cache_bytes: int) -> int:
 def launch_template_data(capacity: EcsGpuCapacity, ami: str, cluster: str, profile_arn: str, host_sg: str,
                          instance_type: str, stack: str, cache_bytes: int) -> dict:
     """`cache_bytes`: what the model cache holds (model_cache_bytes), for the disk's size."""
-    user_data = USER_DATA.format(cluster=cluster, uid=CONTAINER_UID, cache=MODEL_CACHE_HOST_PATH)
     return {
         "ImageId": ami,
         "InstanceType": instance_type,
         "IamInstanceProfile": {"Arn": profile_arn},
         "SecurityGroupIds": [host_sg],
-        "UserData": base64.b64encode(user_data.encode()).decode(),
+        "UserData": base64.b64encode(user_data(capacity, cluster).encode()).decode(),
         # Hop limit 1: containers (bridge mode, one hop away) cannot reach the instance role's
         # credentials; the task role reaches them through the ECS agent instead.
         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},

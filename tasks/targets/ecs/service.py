@@ -87,6 +87,8 @@ def container_environment(settings: VllmServerSettings, model_uri: str, port: in
     return {
         "MODEL_URI": model_uri,
         "MODEL_CACHE_DIR": CONTAINER_MODEL_DIR,
+        # only when not the default: a stack deployed before the option existed keeps its task definition
+        **({"MODEL_LOAD_FORMAT": settings.load_format} if settings.load_format != "auto" else {}),
         "VLLM_ARGS": json.dumps(settings.server_args(host="0.0.0.0", port=port)),
         "LORA_ADAPTERS": json.dumps(adapters or {}),
         **({"LORA_INDEX_URI": adapter_index_uri} if adapter_index_uri else {}),

@@ -84,6 +84,7 @@ def start_server(
         **os.environ,
         "MODEL_URI": model_uri,
         "MODEL_CACHE_DIR": str(cache_root() / "model-cache"),
+        "MODEL_LOAD_FORMAT": settings.load_format,
         "VLLM_ARGS": json.dumps(settings.server_args(host="127.0.0.1", port=port)),
         "LORA_ADAPTERS": json.dumps(adapters or {}),
         **({"LORA_INDEX_URI": adapter_index_uri} if adapter_index_uri else {}),
