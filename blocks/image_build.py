@@ -27,7 +27,7 @@ _CODEBUILD_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{1,254}$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 _PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
 
-DEFAULT_REPOSITORIES = {"vllm": "vllm-pipeline/vllm", "runtime": "vllm-pipeline/runtime"}
+DEFAULT_REPOSITORIES = {"vllm": "vllm-pipeline/vllm", "runtime": "vllm-pipeline/runtime", "gateway": "vllm-pipeline/gateway"}
 
 
 def split_registry(value: str) -> tuple[str, str]:

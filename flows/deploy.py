@@ -15,6 +15,7 @@ from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.loading import load_config
 from blocks.model_source import ModelSource
 from blocks.model_store import ModelStore
+from blocks.tool_gateway import ToolGateway
 from blocks.vllm_server import VllmServerSettings
 from flows.build import image_variable
 from tasks.build.images import check_image_uri
@@ -24,16 +25,21 @@ from tasks.core.aws import Aws
 from tasks.core.errors import PipelineInputError, flow
 from tasks.core.markdown import code, text
 from tasks.core.naming import check_stack_name, resource_name
+from tasks.core.secrets import delete_secret
 from tasks.core.state import ModelRef, StackState, delete_state, load_state, save_state
 from tasks.core.timeline import render as render_cold_start
+from tasks.gateway.config import config_digest, delete_toolset, publish_gateway, resolve_gateway
 from tasks.stage.lora import check_adapters, find_staged_adapters, write_index
 from tasks.stage.models import find_staged_model
+from tasks.targets.ecs import gateway as ecs_gateway
 from tasks.targets.ecs import metrics_agent
 from tasks.targets.ecs.coldstart import ecs_cold_start
 from tasks.targets.ecs.deploy import Recorder, deploy_ecs
 from tasks.targets.local.coldstart import local_cold_start
+from tasks.targets.local.gateway import gateway_alive, start_local_gateway, stop_local_gateway, wait_local_gateway
 from tasks.targets.local.server import endpoint_alive, ensure_api_key, start_local_server, stop_local_server, wait_local_ready
 from tasks.teardown.rollback import rollback
+from tasks.teardown.sweep import delete_all
 
 DEPLOY_LOCK_TTL = timedelta(minutes=30)
 
@@ -79,15 +85,25 @@ def _adapter_uris(adapters: dict[str, ModelRef] | None) -> dict[str, str]:
 def deploy(
     stack: str, store: ModelStore, settings: VllmServerSettings, model: ModelRef, target: str = "local",
     ready_timeout_s: float = 900, ttl_hours: float = 24, adapters: dict[str, ModelRef] | None = None,
+    gateway: ToolGateway | None = None,
 ) -> StackState:
+    """The local target: the vLLM server as a process and, with `gateway`, the tool gateway beside it. A stack
+    already serving the same model and adapters keeps its server; only a changed (or added, or removed)
+    gateway is redone."""
     logger = get_run_logger()
     deploy_at = time.time()
     state, etag = load_state(store, stack)
     _refuse_if_busy(state, stack, "local")
+    # the gateway's checks (tenant models, tool sets), before anything is made
+    docs = resolve_gateway(gateway, [settings.served_model_name, *(adapters or {})], store) if gateway is not None else None
     if state is not None and state.target == "local" and state.status == "running" and endpoint_alive(state.endpoint):
         if state.model and state.model.s3_uri == model.s3_uri and state.adapters == (adapters or {}):
-            logger.info("stack %r already serves %s at %s: nothing to do", stack, model.s3_uri, state.endpoint.url)
-            return state
+            digest = config_digest(gateway, docs, state.endpoint.url) if gateway is not None else None
+            if (digest is None and state.gateway is None) or \
+                    (state.gateway is not None and state.gateway.digest == digest and gateway_alive(state.gateway)):
+                logger.info("stack %r already serves %s at %s: nothing to do", stack, model.s3_uri, state.endpoint.url)
+                return state
+            return _redo_gateway(stack, store, state, etag, gateway, docs, ready_timeout_s, target)
     old_endpoint = state.endpoint if state else None
     state = state or StackState(stack=stack, target="local")
     state.status, state.model, state.ttl_hours, state.adapters = "deploying", model, ttl_hours, dict(adapters or {})
@@ -95,6 +111,7 @@ def deploy(
     state.note(f"deploy {model.s3_uri}" + (f" with adapters {sorted(state.adapters)}" if state.adapters else ""))
     lock(state, ready_timeout_s)
     etag = save_state(store, state, etag)  # the lock: a concurrent deploy's conditional write fails
+    _stop_gateway(state, remove=gateway is None, credentials=store.credentials)  # its upstream is about to change (or it is no longer wanted)
     if old_endpoint is not None and old_endpoint.pid:
         stop_local_server(old_endpoint.pid)  # a dead or outdated server is replaced
     secret_arn = ensure_api_key(stack, settings, store.credentials)
@@ -117,10 +134,18 @@ def deploy(
         raise
     state.cold_start = local_cold_start(state.endpoint, deploy_at, requested_at, ready, store.credentials)
     state.endpoint.own_requests = 1 if state.cold_start.get("first-token") else 0  # its probe: not traffic
+    if gateway is not None:
+        etag = _start_gateway(stack, store, state, etag, gateway, docs)
     state.status = "running"
     state.set_replicas(1, "deploy")  # a stack scaled to zero is serving again
     state.note(f"running at {state.endpoint.url}")
     save_state(store, state, etag)
+    _local_artifact(stack, target, state, render_cold_start(state.cold_start))
+    return state
+
+
+def _local_artifact(stack: str, target: str, state: StackState, cold_start: str) -> None:
+    model = state.model
     create_markdown_artifact(
         "\n".join([
             f"# Stack {code(stack)} deployed ({text(target)})",
@@ -128,19 +153,113 @@ def deploy(
             f"- model {code(model.repo_id)} @ {code(model.sha)} from {code(model.s3_uri)}",
             f"- endpoint {code(state.endpoint.url)} serving {code(state.endpoint.served_model_name)}",
             *_adapter_lines(state),
-            f"- API key in Secrets Manager {code(secret_arn)}",
+            f"- API key in Secrets Manager {code(state.endpoint.api_key_secret)}",
             f"- server log {code(state.endpoint.log_path)}",
+            *_local_gateway_lines(state),
             "",
-            render_cold_start(state.cold_start),
+            cold_start,
         ]),
         key=f"deploy-{stack}",
         description=f"Stack {stack} deployed",
     )
+
+
+def _local_gateway_lines(state: StackState) -> list[str]:
+    gw = state.gateway
+    if gw is None:
+        return []
+    return [
+        f"- tool gateway {code(gw.url)} (clients: {code(gw.url + '/v1/chat/completions')}), log {code(gw.log_path)}",
+        f"- gateway tenants {', '.join(code(t) for t in gw.tenants)}; each tenant's API keys, model and tool set in "
+        f"Secrets Manager {code(gw.tenants_secret)} ({code('tenants.<tenant>.api_keys')})",
+    ]
+
+
+def _stop_gateway(state: StackState | None, remove: bool, credentials=None) -> None:
+    """Stop the stack's local gateway process; `remove`: also delete its tenants secret and tool sets (a
+    redeploy without a gateway)."""
+    gw = state.gateway if state is not None else None
+    if gw is None:
+        return
+    if gw.pid:
+        stop_local_gateway(gw.pid)
+    state.resources = [r for r in state.resources if not (r.kind == "gateway-process" and r.id == str(gw.pid))]
+    if remove:
+        delete_secret(gw.tenants_secret, credentials)
+        for uri in gw.toolsets.values():
+            delete_toolset(uri, credentials)
+        gone = {("secret", gw.tenants_secret), *(("s3-object", u) for u in gw.toolsets.values())}
+        state.resources = [r for r in state.resources if (r.kind, r.id) not in gone]
+        state.gateway = None
+        state.note("tool gateway removed")
+    else:
+        state.gateway = gw.model_copy(update={"pid": None})
+
+
+def _start_gateway(stack: str, store: ModelStore, state: StackState, etag: str, gateway: ToolGateway, docs: dict) -> str:
+    """Tool sets and the tenants secret (tasks/gateway/config.py), then the process beside the server; each
+    recorded the moment it exists. A gateway that does not come up fails the deploy (the record says so)."""
+    def record(kind: str, id: str) -> None:
+        state.add_resource(kind, id)
+
+    cfg = publish_gateway(stack, gateway, docs, store, state.endpoint.served_model_name, record=record)
+    stale = [r for r in state.resources if r.kind == "s3-object" and r.id not in cfg.toolsets.values()]
+    state.resources = [r for r in state.resources if r not in stale]  # publish_gateway deleted them
+    etag = save_state(store, state, etag)
+    state.gateway = start_local_gateway(stack, gateway, state.endpoint, cfg.tenants_secret, cfg.tenants, cfg.toolsets,
+                                        config_digest(gateway, docs, state.endpoint.url), store.credentials)
+    state.add_resource("gateway-process", str(state.gateway.pid))
+    etag = save_state(store, state, etag)  # recorded before the wait
+    try:
+        wait_local_gateway(state.gateway)
+    except BaseException as exc:
+        _stop_gateway(state, remove=False)
+        state.status = "failed"
+        state.note(f"tool gateway failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        save_state(store, state, etag)
+        raise
+    state.note(f"tool gateway at {state.gateway.url} for tenants {state.gateway.tenants}")
+    return etag
+
+
+def _redo_gateway(stack: str, store: ModelStore, state: StackState, etag: str, gateway: ToolGateway | None, docs: dict | None,
+                  ready_timeout_s: float, target: str) -> StackState:
+    """The server stays; the gateway is added, restarted with its new configuration, or removed."""
+    state.status = "deploying"
+    state.note("update the tool gateway" if gateway is not None else "remove the tool gateway")
+    lock(state, ready_timeout_s)
+    etag = save_state(store, state, etag)
+    _stop_gateway(state, remove=gateway is None, credentials=store.credentials)
+    etag = save_state(store, state, etag)
+    if gateway is not None:
+        etag = _start_gateway(stack, store, state, etag, gateway, docs)
+    state.status = "running"
+    save_state(store, state, etag)
+    _local_artifact(stack, target, state, render_cold_start(state.cold_start) if state.cold_start else "")
     return state
 
 
 def _adapter_lines(state: StackState) -> list[str]:
     return [f"- LoRA adapter {code(name)} from {code(ref.s3_uri)}" for name, ref in sorted(state.adapters.items())]
+
+
+def _remove_ecs_gateway(aws: Aws, stack: str, rec: Recorder) -> None:
+    """The ECS gateway's resources deleted (dependency order, as teardown does) and dropped from the record."""
+    state = rec.state
+    doomed = ecs_gateway.recorded_resources(aws, stack, state)
+    delete_all(aws, stack, doomed)
+    gone = {(r.kind, r.id) for r in doomed}
+    state.resources = [r for r in state.resources if (r.kind, r.id) not in gone]
+    state.gateway = None
+    state.note(f"tool gateway removed ({len(doomed)} resources)")
+    rec.save()
+
+
+def _ecs_gateway_lines(state: StackState) -> list[str]:
+    if state.gateway is None:
+        return []
+    return [f"- tool gateway {code(state.gateway.url)} (Fargate) for tenants {', '.join(code(t) for t in state.gateway.tenants)}; "
+            f"their keys in Secrets Manager {code(state.gateway.tenants_secret)}"]
 
 
 def _operating_lines(state: StackState, capacity: EcsGpuCapacity) -> list[str]:
@@ -186,16 +305,22 @@ def choose_instance(plan: CapacityPlan, capacity: EcsGpuCapacity, settings: Vllm
 def deploy_to_ecs(
     stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef, image_uri: str,
     hf_token: SecretStr | None = None, ready_timeout_s: float = 1800, ttl_hours: float = 24, keep_failed: bool = False,
-    poll_s: float = 15, adapters: dict[str, ModelRef] | None = None,
+    poll_s: float = 15, adapters: dict[str, ModelRef] | None = None, gateway: ToolGateway | None = None,
 ) -> StackState:
     """Plan, then create or update every resource of the stack; on failure roll back what this run made
-    (`keep_failed`: keep it for debugging) and raise the error that caused it."""
+    (`keep_failed`: keep it for debugging) and raise the error that caused it. With `gateway`, the tool
+    gateway as a Fargate service behind the stack's load balancer (tasks/targets/ecs/gateway.py); its image:
+    the block's `image_uri`, else the one build-images last built as "gateway"."""
     logger = get_run_logger()
     deploy_at = time.time()
     check_image_uri(image_uri)
     plan = plan_task(store, model, settings, capacity)
     instance_type, settings, price = choose_instance(plan, capacity, settings)
     metrics_agent.check_settings(capacity.metrics_agent, settings)
+    gateway_spec = None
+    if gateway is not None:  # every check of the gateway, before any resource
+        gateway_spec = ecs_gateway.prepare(capacity, gateway, [settings.served_model_name, *(adapters or {})], store,
+                                           check_image_uri(gateway.image_uri or last_built_image("gateway")))
     logger.info("stack %r: %s (TP %d, $%.3f/h) per the capacity plan", stack, instance_type, settings.tensor_parallel_size, price)
     state, etag = load_state(store, stack)
     _refuse_if_busy(state, stack, "ecs")
@@ -215,7 +340,7 @@ def deploy_to_ecs(
     try:
         index = write_index(store, stack, state.adapters) if settings.enable_lora else None
         deploy_ecs(stack, store, settings, capacity, model, image_uri, instance_type, rec, hf_token, ready_timeout_s, poll_s,
-                   state.adapters, index)
+                   state.adapters, index, gateway_spec)
         ready_at = time.time()
     except BaseException as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -235,12 +360,14 @@ def deploy_to_ecs(
         if new_stack:
             delete_state(store, stack)
         else:
-            state.status, state.model, state.adapters = "running", previous.model, previous.adapters
+            state.status, state.model, state.adapters, state.gateway = "running", previous.model, previous.adapters, previous.gateway
             if settings.enable_lora:
                 write_index(store, stack, previous.adapters)  # the replicas rolled back to serve the old set
             state.note("update rolled back")
             rec.save()
         raise
+    if gateway is None and state.gateway is not None:  # a redeploy without the gateway removes it, as on the local target
+        _remove_ecs_gateway(Aws(store.credentials, capacity.region), stack, rec)
     state.cold_start = ecs_cold_start(store, capacity, stack, state.endpoint, deploy_at, ready_at, poll_s)
     state.status = "running"
     # what the deploy asked for; with autoscaling an update keeps the service's own count (at least one), not tracked here
@@ -259,6 +386,7 @@ def deploy_to_ecs(
             f"- endpoint {code(state.endpoint.url)} serving {code(state.endpoint.served_model_name)}",
             *_adapter_lines(state),
             f"- API key in Secrets Manager {code(state.endpoint.api_key_secret)}",
+            *_ecs_gateway_lines(state),
             *_operating_lines(state, capacity),
             f"- {len(state.resources)} resources recorded in {code(f's3://{store.bucket_name}/stacks/{stack}/state.json')}",
             "",
@@ -283,13 +411,17 @@ def deploy_model(
     ready_timeout_s: PositiveInt = 900,
     ttl_hours: PositiveFloat = 24,
     keep_failed: bool = False,
+    gateway: str | ToolGateway | None = None,
 ) -> StackState:
     """Deploy the staged model (`model_uri`, or the newest staged revision of `repo_id` /
     the ModelSource block's repo) as stack `stack`. A running stack serving the same model is a no-op.
     target="ecs": on ECS GPU capacity (EcsGpuCapacity block) from the vLLM image `image_uri`
     (default: the one the build-images flow last pushed); a failed deploy is rolled back unless
-    `keep_failed`. The `reap` flow tears the stack down `ttl_hours` after its last deploy."""
+    `keep_failed`. The `reap` flow tears the stack down `ttl_hours` after its last deploy.
+    `gateway` (a saved ToolGateway block's name, or the block): the tool gateway beside the server, a
+    process locally, a Fargate service on ECS (docs/gateway.md); a redeploy without it removes it."""
     check_stack_name(stack)
+    gateway = load_config(ToolGateway, gateway) if isinstance(gateway, str) else gateway
     store = load_config(ModelStore, model_store_block)
     settings = load_config(VllmServerSettings, server_settings_block)
     capacity = load_config(EcsGpuCapacity, capacity_block) if target == "ecs" else None
@@ -306,5 +438,5 @@ def deploy_model(
     check_adapters(store, model, adapters, settings.served_model_name, settings.enable_lora, settings.max_lora_rank)
     if target == "ecs":
         return deploy_to_ecs(stack, store, settings, capacity, model, image_uri, source.token, ready_timeout_s, ttl_hours,
-                             keep_failed, adapters=adapters)
-    return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours, adapters)
+                             keep_failed, adapters=adapters, gateway=gateway)
+    return deploy(stack, store, settings, model, target, ready_timeout_s, ttl_hours, adapters, gateway)

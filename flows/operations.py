@@ -34,6 +34,7 @@ class StackStatus(BaseModel):
     price_per_hour: float  # per hour now: the instance's price x replicas (0 at zero)
     cost_so_far_usd: float  # replica-hours run x the instance's price
     dashboard: str | None = None
+    gateway: str | None = None  # the tool gateway's URL, when the stack has one
 
 
 def _hours_since(ts: str, now: datetime) -> float:
@@ -54,6 +55,7 @@ def describe(state: StackState, traffic: Traffic | None = None, requests_last_ho
         last_request_at=traffic.last_request_at, endpoint=state.endpoint.url if state.endpoint else None,
         instance_type=instance, price_per_hour=round(price * state.replicas, 4),
         cost_so_far_usd=round(state.replica_hours(now) * price, 2), dashboard=(state.settings or {}).get("dashboard_url"),
+        gateway=state.gateway.url if state.gateway else None,
     )
 
 
@@ -89,7 +91,8 @@ def status(model_store_block: str | None = None) -> list[StackStatus]:
     for r in rows:
         served = "?" if r.requests_last_hour is None else r.requests_last_hour
         print(f"{r.stack:24} {r.target:5} {r.status:12} x{r.replicas} age {r.age_hours:6.1f} h  idle {r.idle_hours:.1f} h  "
-              f"{served} req/h  {r.endpoint or '-'}  ${r.cost_so_far_usd}" + (f"  {r.dashboard}" if r.dashboard else ""))
+              f"{served} req/h  {r.endpoint or '-'}  ${r.cost_so_far_usd}" + (f"  {r.dashboard}" if r.dashboard else "")
+              + (f"  gateway {r.gateway}" if r.gateway else ""))
     return rows
 
 

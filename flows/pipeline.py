@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, PositiveFloat, PositiveInt
 
+from blocks.tool_gateway import ToolGateway
 from flows.batch import BatchSummary, batch_inference
 from flows.build import BuildReport, build_images
 from flows.deploy import deploy_model
@@ -72,11 +73,14 @@ def pipeline(
     image_build_block: str | None = None,
     build: bool | None = None,
     ready_timeout_s: PositiveInt = 1800,
+    gateway: str | ToolGateway | None = None,
 ) -> PipelineResult:
     """Take a Hub model to a validated endpoint, run a batch on it, and tear it down
     (`keep_running` keeps the stack; `keep_failed` keeps a failed stack for debugging).
     `build` (default: only for target ecs) builds and pushes the images first, skipped when
-    their content is unchanged; the ecs deploy then runs the vLLM image just built."""
+    their content is unchanged; the ecs deploy then runs the vLLM image just built. `gateway` (a saved
+    ToolGateway block's name, or the block): the tool gateway deployed beside the server, checked by validate
+    (docs/gateway.md)."""
     check_stack_name(stack)
     logger = get_run_logger()
     stores = dict(model_store_block=model_store_block)
@@ -110,9 +114,10 @@ def pipeline(
             state = deploy_model(stack=stack, target=target, model_uri=model_uri, image_uri=image_uri,
                                  model_source_block=model_source_block, server_settings_block=server_settings_block,
                                  capacity_block=capacity_block, ready_timeout_s=ready_timeout_s, ttl_hours=ttl_hours,
-                                 keep_failed=keep_failed, **stores)
+                                 keep_failed=keep_failed, gateway=gateway, **stores)
             result.endpoint = state.endpoint.url
-            step.detail = Md(f"{text(target)}: {code(state.endpoint.served_model_name)} at {code(state.endpoint.url)}")
+            step.detail = Md(f"{text(target)}: {code(state.endpoint.served_model_name)} at {code(state.endpoint.url)}"
+                             + (f"; tool gateway at {code(state.gateway.url)}" if state.gateway else ""))
         with steps.run("validate") as step:
             result.validation = validate(stack=stack, **stores)
             step.detail = _validate_line(result.validation)

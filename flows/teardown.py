@@ -85,6 +85,10 @@ def teardown(stack: str, store: ModelStore, region: str | None = None, keep_mode
     recorded = list(state.resources) if state else []
     if state is not None and state.endpoint is not None and state.endpoint.pid:
         recorded.append(Resource(kind="process", id=str(state.endpoint.pid)))
+    if state is not None and state.gateway is not None:  # the local gateway's process, its tool sets, its tenants secret
+        recorded += [Resource(kind="gateway-process", id=str(state.gateway.pid))] if state.gateway.pid else []
+        recorded += [Resource(kind="s3-object", id=uri) for uri in state.gateway.toolsets.values()]
+        recorded.append(Resource(kind="secret", id=state.gateway.tenants_secret))
     found, unknown = scan_task(aws, stack)
     deleted = delete_all(aws, stack, [*recorded, *found])
     if state is not None and state.model is not None and not keep_model:

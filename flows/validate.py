@@ -31,6 +31,7 @@ from tasks.validation.checks import (
     tool_suite,
     warm_up,
 )
+from tasks.validation.gateway import gateway_checks, gateway_target
 from tasks.validation.suite import (
     CATEGORIES, SUITE_CONCURRENCY, CaseResult, Mode, SuiteConcurrency, has_own_gate, load_gate, load_suite, matrix,
 )
@@ -55,7 +56,7 @@ def validate_endpoint(
     url: str, api_key: str, served_model_name: str, *, max_model_len: int | None = None, level: str | None = None,
     gate: str | dict | None = None, extra_cases: dict | None = None, thresholds: LatencyThresholds = LatencyThresholds(),
     warmup_requests: int = 8, artifact_key: str = "validate", raise_on_failure: bool = True, modes: list[str] | None = None,
-    bfcl_suite: dict | None = None, suite_concurrency: int = SUITE_CONCURRENCY,
+    bfcl_suite: dict | None = None, suite_concurrency: int = SUITE_CONCURRENCY, extra_checks: list[CheckResult] | None = None,
 ) -> ValidationReport:
     logger = get_run_logger()
     suite = load_suite(extra_cases, modes, bfcl_suite)  # bad user cases fail here, before any request
@@ -80,6 +81,7 @@ def validate_endpoint(
             checks.append(tools_check)
             samples.extend(s)
             checks.append(latency_summary(samples, thresholds))
+            checks += extra_checks or []  # the stack's tool gateway's (tasks/validation/gateway.py)
         except EndpointError as exc:
             raise ValidationFailed(f"endpoint {url} stopped answering during validation "
                                    f"({ep.retries} transient failures retried): {exc}") from None
@@ -178,6 +180,18 @@ def _artifacts(report: ValidationReport, gate, key: str) -> None:
     create_markdown_artifact("\n".join(lines), key=key, description="Validation summary")
 
 
+def _gateway_checks(state, store: ModelStore, region: str | None) -> list[CheckResult]:
+    """The stack's tool gateway's checks, run before the model's suites; reported with the first served name's."""
+    if state.gateway is None:
+        return []
+    target = gateway_target(state.gateway.url, state.gateway.tenants_secret, store, region)
+    if target is None:
+        get_run_logger().warning("stack %r: its gateway was deployed without validate's check tenants (checks=False): "
+                                 "gateway checks skipped", state.stack)
+        return []
+    return gateway_checks(target)
+
+
 @flow(name="validate", log_prints=True)
 def validate(
     stack: str | None = None,
@@ -205,7 +219,9 @@ def validate(
     flight at once (4; 1 runs them one at a time). `modes` runs only those tool_choice
     modes of the suite (["auto"]: a quick run of what each model decides by itself). `bfcl_suite`
     runs a BFCL-format data set instead of the repo's cases (docs/validation-bfcl.md): e.g.
-    {"questions": "s3://b/BFCL_v4_simple_python.json", "answers": "s3://b/possible_answer/BFCL_v4_simple_python.json"}."""
+    {"questions": "s3://b/BFCL_v4_simple_python.json", "answers": "s3://b/possible_answer/BFCL_v4_simple_python.json"}.
+    A stack with a tool gateway gets its checks too (tasks/validation/gateway.py), reported with the first
+    served name's checks."""
     bfcl = load_bfcl_suite(bfcl_suite, s3=lambda: s3_client(load_config(ModelStore, model_store_block))) if bfcl_suite else None
     max_len, adapters, region = None, [], None
     store = load_config(ModelStore, model_store_block)  # its credentials read the API key, as deploy wrote it
@@ -231,11 +247,13 @@ def validate(
         if name not in gates and not has_own_gate(name) and base_gate:
             gates[name] = base_gate
     key, api_key = f"validate-{stack or 'endpoint'}", read_secret(api_key_secret, store.credentials, region).get_secret_value()
+    gateway = _gateway_checks(state, store, region) if stack else []
     reports = [
         validate_endpoint(endpoint_url, api_key, name, max_model_len=max_len, level=level, gate=gates.get(name),
                           extra_cases=extra_cases, bfcl_suite=bfcl, thresholds=thresholds, warmup_requests=warmup_requests, modes=modes,
                           suite_concurrency=suite_concurrency,
                           artifact_key=key if name == served_model_name else _name_key(key, name),
+                          extra_checks=gateway if name == names[0] else None,
                           raise_on_failure=len(names) == 1)
         for name in names
     ]

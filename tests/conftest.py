@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Modules whose tests run vLLM (marked `e2e` or `vllm`; tests/test_setup.py checks this list).
 VLLM_MODULES = frozenset({
-    "test_batch", "test_batch_offline", "test_embedded", "test_entrypoint", "test_gate_numerics_e2e",
+    "test_batch", "test_batch_offline", "test_batch_shards", "test_embedded", "test_entrypoint", "test_gate_numerics_e2e", "test_gateway_e2e",
     "test_hardening_e2e", "test_local_target_e2e", "test_lora_e2e", "test_pipeline_e2e", "test_scale_e2e",
     "test_ui_artifacts_e2e", "test_worker_e2e",
 })

@@ -8,7 +8,8 @@
 - `AwsSide`: those acts, hooked after the product's own calls (botocore `after-call` events on its clients):
   CodeBuild's build pushes the image its buildspec names to ECR; ECS places the service (managed scaling launches
   one GPU host, its agent joins the cluster, the task is registered with the target group, the container reads its
-  API key from Secrets Manager and starts: `StandInVllm`); a batch task reads its input from S3, writes vLLM's
+  API key from Secrets Manager and starts: `StandInVllm`) and the tool gateway's Fargate service (its task's
+  address registered with the gateway's target group; the stand-in answers its /health); a batch task reads its input from S3, writes vLLM's
   batch-runner output and exits 0; a desired count of 0 drains the task (the stand-in answers 503), 1 starts it.
   The server runs with MOTO_ECS_SERVICE_RUNNING=1, moto's own switch for "a service's tasks are running".
 - `StandInVllm`: the container behind the load balancer. moto's load balancers have DNS names no one answers, so
@@ -362,6 +363,8 @@ class AwsSide:
         if http_response.status_code != 200:
             return
         service = parsed["service"]
+        if service["serviceName"] == f"vllm-{self.serve_stack}-gateway":
+            return self.ecs_places_gateway(service)
         if service["serviceName"] != f"vllm-{self.serve_stack}-service":
             return
         ecs, asg, elb = self.client("ecs"), self.client("autoscaling"), self.client("elbv2")
@@ -384,6 +387,17 @@ class AwsSide:
         self.vllm.serve(dns, key, _flag(args, "--served-model-name"), int(_flag(args, "--max-model-len")),
                         list(json.loads(env.get("LORA_ADAPTERS") or "{}")), env.get("LORA_INDEX_URI"), self._read_json)
         self.done.append(f"ecs placed {service['serviceName']} on {host['InstanceId']} behind {dns}")
+
+    def ecs_places_gateway(self, service: dict) -> None:
+        """Fargate starts the tool gateway's task in the service's subnet and registers its address with the
+        gateway's target group (`ip` targets); the stand-in answers its /health through the load balancer."""
+        lb = service["loadBalancers"][0]
+        subnet = service["networkConfiguration"]["awsvpcConfiguration"]["subnets"][0]
+        cidr = self.client("ec2").describe_subnets(SubnetIds=[subnet])["Subnets"][0]["CidrBlock"]
+        address = cidr.rsplit(".", 2)[0] + ".0.42"  # an address of the subnet, as Fargate's ENI would have
+        self.client("elbv2").register_targets(TargetGroupArn=lb["targetGroupArn"],
+                                              Targets=[{"Id": address, "Port": lb["containerPort"]}])
+        self.done.append(f"ecs placed {service['serviceName']} (Fargate) at {address}")
 
     def ecs_scales_service(self, http_response, parsed, context, **_):
         """A desired count of 0 drains the task (the load balancer answers 503); 1 or more starts it again."""

@@ -16,7 +16,7 @@ NOT_IN_THE_GATEWAY = ("tasks", "flows", "blocks", "embedded", "images", "prefect
 
 # room -> the rooms it may import (besides itself, blocks and third-party packages)
 CORE = {"tasks.core"}
-MIDDLE = ("tasks.stage", "tasks.build", "tasks.capacity", "tasks.validation", "tasks.batch")
+MIDDLE = ("tasks.stage", "tasks.build", "tasks.capacity", "tasks.validation", "tasks.batch", "tasks.gateway")
 ALLOWED = {
     "tasks.core": CORE,
     **{room: CORE for room in MIDDLE},

@@ -270,7 +270,7 @@ def _fake_subflows(monkeypatch, fail: set[str], subflows: bool):
     def deploy_model(stack, **kw):
         maybe_fail("deploy")
         create_markdown_artifact("# deployed", key=f"deploy-{stack}")
-        return SimpleNamespace(endpoint=SimpleNamespace(url="http://127.0.0.1:9", served_model_name="m"))
+        return SimpleNamespace(endpoint=SimpleNamespace(url="http://127.0.0.1:9", served_model_name="m"), gateway=None)
 
     @flow(name="validate")
     def validate(stack, **kw):

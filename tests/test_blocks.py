@@ -520,6 +520,7 @@ EXPECTED_SLUGS = {
     "ModelSource": "vllm-model-source",
     "ModelStore": "vllm-model-store",
     "VllmServerSettings": "vllm-server-settings",
+    "ToolGateway": "vllm-tool-gateway",
 }
 
 

@@ -27,6 +27,7 @@ from blocks.ecs_capacity import AlarmSettings, EcsGpuCapacity, MetricsAgentSetti
 from blocks.image_build import ImageBuildSettings
 from blocks.model_source import LoraAdapter, ModelSource
 from blocks.model_store import ModelStore
+from blocks.tool_gateway import GatewayTenant, ToolGateway
 from blocks.vllm_server import VllmServerSettings
 from embedded.adapter_kit import make_adapter
 from embedded.hub_server import HubRepo, LocalHub
@@ -162,7 +163,7 @@ def test_every_flow_runs_under_the_runner_policy(world, monkeypatch, tmp_path):
 
             with step("build-images (CodeBuild -> ECR)", refusals, timings):
                 built = build_images(image_build_block=f"{P}-build")
-            assert {i.name for i in built.images} == {"vllm", "runtime"} and all(i.built for i in built.images)
+            assert {i.name for i in built.images} == {"vllm", "runtime", "gateway"} and all(i.built for i in built.images)
 
             with step("plan-capacity", refusals, timings):
                 plan = plan_capacity(repo_id="acme/tiny", model_source_block=f"{P}-source", server_settings_block=f"{P}-server",
@@ -171,9 +172,19 @@ def test_every_flow_runs_under_the_runner_policy(world, monkeypatch, tmp_path):
 
             deploy = dict(target="ecs", repo_id="acme/tiny", model_source_block=f"{P}-source",
                           server_settings_block=f"{P}-server", capacity_block=f"{P}-capacity", **blocks)
-            with step("deploy-model (ecs)", refusals, timings):
-                state = deploy_model(STACK, ready_timeout_s=120, **deploy)
+            # the tool gateway beside it (a Fargate service behind the same load balancer), with a webhook whose header
+            # secret the deploy reads and the gateway's task role is given
+            server.client("secretsmanager", aws_keys).create_secret(Name="vllm-pipeline/tools/crm", SecretString=json.dumps({"token": "crm-token"}))
+            crm = {"name": "crm_lookup", "parameters": {"type": "object", "properties": {"email": {"type": "string"}}},
+                   "implementation": {"type": "webhook", "url": "https://crm.example.com/lookup", "headers": {
+                       "Authorization": {"secret": "vllm-pipeline/tools/crm", "key": "token", "template": "Bearer {value}"}}}}
+            gateway = ToolGateway(tenants={"acme": GatewayTenant(model="tiny", toolset={"tools": [{"builtin": "calculate"}, crm]})},
+                                  checks=False)  # validate's gateway checks need a model that calls tools, not a parrot
+            with step("deploy-model (ecs, with the tool gateway)", refusals, timings):
+                state = deploy_model(STACK, ready_timeout_s=120, gateway=gateway, **deploy)
             assert state.status == "running" and urlsplit(state.endpoint.url).hostname == vllm.host
+            assert state.gateway is not None and urlsplit(state.gateway.url).hostname == vllm.host
+            assert any(d.startswith(f"ecs placed {resource_name(STACK, 'gateway')}") for d in aws_side.done), aws_side.done
 
             with step("validate", refusals, timings):
                 report = validate(stack=STACK, modes=["none"], warmup_requests=1, **blocks)  # a parrot calls no tools
@@ -225,7 +236,7 @@ def test_every_flow_runs_under_the_runner_policy(world, monkeypatch, tmp_path):
             assert load_state(ModelStore(bucket_name=bucket, credentials=creds), STACK)[0] is None
 
         assert vllm.unexpected == [], vllm.unexpected
-        assert len([d for d in aws_side.done if d.startswith("codebuild")]) == 2, aws_side.done
+        assert len([d for d in aws_side.done if d.startswith("codebuild")]) == 3, aws_side.done  # vllm, runtime, gateway
         refused(aws_client("iam", creds).create_user, UserName="intruder")  # enforcement was on all along
     finally:
         hub.stop()

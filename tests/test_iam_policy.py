@@ -23,7 +23,9 @@ from iam_actions import (
     MANAGED_POLICY_MAX_CHARS, RUNNER_POLICIES, allowing_statements, called_actions, load_policy, runner_policy,
 )
 
+from tasks.core.errors import PipelineInputError
 from tasks.core.naming import MANAGED_BY, TAG_MANAGED
+from tasks.targets.ecs import gateway as ecs_gateway
 from tasks.targets.ecs import iam as stack_iam
 from tasks.targets.ecs import metrics_agent
 
@@ -181,12 +183,23 @@ def test_boundary_holds_what_the_stack_roles_are_given():
                                            "arn:aws:logs:us-east-1:1:log-group:/vllm-pipeline/s/server:*", ["arn:x"], "aws"),
                 stack_iam.task_policy("s3://b/models/m/sha", "aws", ["s3://b/models/a/sha"]),
                 stack_iam.instance_policy("arn:aws:ecs:us-east-1:1:cluster/c", "aws", "us-east-1", "1"),
-                metrics_agent.task_policy("s", "aws", "us-east-1", "1")):
+                metrics_agent.task_policy("s", "aws", "us-east-1", "1"),
+                ecs_gateway.task_policy(["s3://b/stacks/s/gateway/acme.json"], [
+                    "arn:aws:secretsmanager:us-east-1:1:secret:vllm-pipeline/s/gateway-tenants-AbCdEf",
+                    ecs_gateway.secret_resource("vllm-pipeline/tools/crm", "aws", "us-east-1", "1")], "aws")):
         for st in json.loads(doc)["Statement"]:
             granted.update(_actions(st))
     missing = sorted(a for a in granted if not any(fnmatch.fnmatchcase(a, b) for st in boundary["Statement"] for b in _actions(st)))
     assert not missing, f"the boundary would cut what the stack roles need: {missing}"
     assert not [st for st in boundary["Statement"] if any(a.startswith(("iam:", "sts:")) for a in _actions(st))]
+    # the gateway's task role reads secrets the tool sets name: the deploy admits only those the boundary lets it read
+    readable = [r for st in boundary["Statement"] if "secretsmanager:GetSecretValue" in _actions(st)
+                for r in (st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]])]
+    for name in ("vllm-pipeline/tools/crm", "arn:aws:secretsmanager:us-east-1:1:secret:vllm-pipeline/x-AbCdEf"):
+        ecs_gateway.check_header_secrets([name])
+        assert any(fnmatch.fnmatchcase(ecs_gateway.secret_resource(name, "aws", "us-east-1", "1"), r) for r in readable), name
+    with pytest.raises(PipelineInputError, match="not under"):
+        ecs_gateway.check_header_secrets(["arn:aws:secretsmanager:us-east-1:1:secret:crm-AbCdEf"])
 
 
 # ------------------------------------------------------------------------------------- static linters

@@ -176,12 +176,13 @@ def _subcommands(calls: list[list[str]]) -> list[str]:
 # --------------------------------------------------------------------------- Dockerfiles
 
 
-@pytest.mark.parametrize("name", ["vllm", "runtime"])
+@pytest.mark.parametrize("name", ["vllm", "runtime", "gateway"])
 def test_project_dockerfiles_pass_the_production_checks(name):
+    from flows.build import NEEDS_HEALTHCHECK
     from tasks.build.dockerfile import base_images, lint_dockerfile, parse_dockerfile, stages
 
     text = (REPO / "images" / name / "Dockerfile").read_text()
-    assert lint_dockerfile(text, require_healthcheck=(name == "vllm")) == []
+    assert lint_dockerfile(text, require_healthcheck=(name in NEEDS_HEALTHCHECK)) == []
     instructions = parse_dockerfile(text)
     # Spelled out as well, so a weakened lint cannot hide a regression:
     bases = base_images(instructions)
@@ -198,6 +199,13 @@ def test_project_dockerfiles_pass_the_production_checks(name):
         start = int(re.search(r"--start-period=(\d+)s", hc).group(1))
         assert start >= 600, "the start period must cover a large model's download and load"
         assert entry.json_args[-1].endswith("entrypoint.py")
+    if name == "gateway":  # ECS/the ALB check /health; the port is the gateway's default, on every interface
+        assert bases == ["python:3.11.14-slim-bookworm"] and name not in NEEDS_HEALTHCHECK
+        assert not [i for i in final if i.cmd == "HEALTHCHECK"]
+        assert entry.json_args == ["python", "-m", "gateway"]
+        assert [i.args for i in final if i.cmd == "EXPOSE"] == ["8001"]
+        env = " ".join(i.args for i in final if i.cmd == "ENV")
+        assert "GATEWAY_HOST=0.0.0.0" in env and "GATEWAY_PORT=8001" in env
     for ins in instructions:
         if ins.cmd in ("ENV", "ARG"):
             assert not re.search(r"(TOKEN|SECRET|PASSWORD|API_KEY)\s*=\s*\S", ins.args, re.I), ins
@@ -292,6 +300,85 @@ def test_project_contexts_resolve():
     assert {"pyproject.toml", "constraints.txt", "flows/build.py", "tasks/build/images.py", "blocks/image_build.py"} <= set(runtime.files)
     assert not [f for f in runtime.files if "__pycache__" in f or f.endswith(".pyc") or ".venv" in f]
     assert vllm.sha256 != runtime.sha256
+    gateway = resolve_context(REPO, "gateway")
+    # The gateway package and its pins, nothing of the pipeline.
+    assert {"images/gateway/Dockerfile", "images/gateway/requirements.txt", "gateway/__main__.py", "gateway/loop.py"} <= set(gateway.files)
+    assert {f.split("/", 1)[0] for f in gateway.files} == {"images", "gateway"}
+    assert not [f for f in gateway.files if f.startswith("images/") and not f.startswith("images/gateway/")]
+    assert gateway.sha256 not in (vllm.sha256, runtime.sha256)
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """{normalised name: version} of a requirements/constraints file of `name==version` lines."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"{path.name}: {line!r} is not name==version"
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return out
+
+
+def test_gateway_requirements_are_the_project_pins_and_closed():
+    """images/gateway/requirements.txt (installed with --no-deps): the gateway's libraries listed by name, each at the
+    version constraints.txt pins, and every requirement of every listed package listed too (pip check would fail the
+    build otherwise); no Prefect, nothing the pipeline alone needs."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    pins = _pins(REPO / "images" / "gateway" / "requirements.txt")
+    direct = {"fastapi", "uvicorn", "httpx", "jsonschema", "pydantic", "prometheus-client", "pyyaml", "boto3", "tzdata"}
+    assert direct <= set(pins), sorted(direct - set(pins))
+    constraints = _pins(REPO / "constraints.txt")
+    assert {n: v for n, v in pins.items() if constraints.get(n) != v} == {}, "pins differ from constraints.txt"
+    missing = {}
+    for name in pins:
+        for raw in distribution(name).requires or []:
+            req = Requirement(raw)
+            if req.marker is None or req.marker.evaluate({"extra": "", "python_version": "3.11"}):
+                norm = re.sub(r"[-_.]+", "-", req.name).lower()
+                if norm not in pins:
+                    missing.setdefault(name, []).append(raw)
+                else:
+                    assert req.specifier.contains(pins[norm], prereleases=True), (name, raw, pins[norm])
+    assert missing == {}, missing
+    assert not {"prefect", "prefect-aws", "huggingface-hub", "moto"} & set(pins)
+
+
+def test_build_flow_builds_the_gateway_under_its_name_like_vllm(monkeypatch):
+    """The default repositories include "gateway": the build flow hashes, builds, pushes and records it as it does
+    the vLLM image (builder steps recorded here; the real buildah build is tests/test_runtime_image.py's)."""
+    from prefect import flow as prefect_flow
+
+    import flows.build as build
+    from tasks.build.ecr import RemoteImage
+    from tasks.build.images import resolve_context
+
+    assert ImageBuildSettings().repositories["gateway"] == "vllm-pipeline/gateway"
+    settings = ImageBuildSettings(builder="buildah", registry="registry.test:5000", registry_username="u",
+                                  registry_password=SecretStr("p"))
+    pushed: dict[str, str] = {}
+    built: list[tuple[str, str]] = []
+
+    class FakeBuilder:
+        name = "buildah"
+
+    def digest(ref: str) -> str:
+        return "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+
+    monkeypatch.setattr(build, "pick_builder", lambda s: FakeBuilder())
+    monkeypatch.setattr(build, "find_remote_image", lambda s, t: RemoteImage(digest=pushed[t.ref], size_bytes=1) if t.ref in pushed else None)
+    monkeypatch.setattr(build, "build_image", lambda s, b, ctx, ref: built.append((ctx.name, ref)) or True)
+    monkeypatch.setattr(build, "push_image", lambda s, b, t: pushed.setdefault(t.ref, digest(t.ref)))
+    report = prefect_flow(name="t-build-gateway")(lambda: build.build_all(settings))()
+    assert [i.name for i in report.images] == ["vllm", "runtime", "gateway"]
+    gw = report.images[-1]
+    tag = resolve_context(REPO, "gateway", settings.build_args, settings.platform).tag
+    assert built[-1] == ("gateway", f"registry.test:5000/vllm-pipeline/gateway:{tag}")
+    assert gw.built and gw.tag == tag and gw.image_ref == f"registry.test:5000/vllm-pipeline/gateway@{digest(built[-1][1])}"
+    assert gw.variable == "vllm_pipeline_image_gateway" and Variable.get(gw.variable) == gw.image_ref
 
 
 # --------------------------------------------------------------------------- the block

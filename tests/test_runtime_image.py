@@ -11,6 +11,11 @@ container of the image (`buildah run`, host network, the image's user, entrypoin
 the session's moto server and the local hub. AWS credentials are only in the blocks; the environment carries the
 endpoints, as an operator would set them in the pool's `env` job variable.
 
+The gateway's image (images/gateway/) is built the same way in the same container storage, on the same base,
+and `python -m gateway` runs in it as the ECS service runs it: tenants from a Secrets Manager secret, the tool set
+from S3 (both on moto), answering /health; the image holds the gateway and its pinned libraries, nothing of the
+pipeline.
+
 The build needs PyPI. pip in the image trusts Debian's CA bundle; where this machine's HTTPS passes a proxy
 with its own CA, its bundle is lent to the build's RUN steps by a containers.conf volume (read-only, for the
 build only: nothing of it is committed to the image).
@@ -22,6 +27,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +131,31 @@ def runtime_image(tmp_path_factory, local_aws):
     subprocess.run([*buildah, "rm", "--all"], capture_output=True, timeout=120)  # nothing stays mounted
     shutil.rmtree(root, ignore_errors=True)
     print("\nruntime image seconds:", {k: round(v, 1) for k, v in TIMINGS.items()})  # shown with -s
+
+
+@pytest.fixture(scope="module")
+def gateway_image(runtime_image) -> str:
+    """images/gateway/Dockerfile built by the build task in the runtime image's storage, where the base is imported
+    already (so its cost here is the build alone)."""
+    from tasks.build.images import build_image, prepare_context
+
+    buildah, _ = runtime_image
+    root = Path(buildah[buildah.index("--root") + 1]).parent
+    settings = ImageBuildSettings(builder="buildah", storage_root=str(root), buildah_storage_driver=STORAGE_DRIVER,
+                                  pull_policy="never", build_args={"PYTHON_IMAGE": base_ref()})
+
+    @flow(name="t-build-gateway-image")
+    def build() -> str:
+        ctx = prepare_context(settings, "gateway")
+        ref = f"localhost/vllm-pipeline/gateway:{ctx.tag}"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CONTAINERS_CONF", str(root / "containers.conf"))  # the runtime build's: the host CA for pip
+            started = time.monotonic()
+            build_image(settings, "buildah", ctx, ref)
+            TIMINGS["gateway build"] = time.monotonic() - started
+        return ref
+
+    return build()
 
 
 @pytest.fixture()
@@ -304,3 +335,91 @@ def test_teardown_ecs_in_the_image_deletes_what_a_dead_deploy_left(runtime_image
     run, _, output = run_on_ecs_pool(buildah, "teardown-ecs", {"stack": stack, **blocks}, _endpoints(local_aws))
     assert run.state.is_completed(), (run.state, output)
     assert leftovers(Aws(region=local_aws.region), stack) == []
+
+
+def test_gateway_image_serves_health_from_its_secret_and_holds_no_pipeline(runtime_image, gateway_image, bucket, local_aws):
+    """The gateway's image as its ECS service runs it: its entrypoint, user 10001, the host's network, tenants from a
+    Secrets Manager secret and the tool set from S3 (moto); /health answers, the tenant's key lists its tools. In the
+    image: the pinned libraries and nothing else pip installed, no Prefect, no flows/tasks/blocks/embedded."""
+    import httpx
+
+    from embedded.net import free_port, stop_process, wait_for_port
+    from tasks.core.aws import aws_client
+
+    buildah, _ = runtime_image
+    config = json.loads(_check(subprocess.run([*buildah, "inspect", "--type", "image", gateway_image], capture_output=True,
+                                              text=True, timeout=120), "buildah inspect").stdout)["OCIv1"]["config"]
+    assert config["User"] == "10001:10001" and config["Entrypoint"] == ["python", "-m", "gateway"]
+    assert "8001/tcp" in config["ExposedPorts"] and "Healthcheck" not in config
+
+    key = "sk-image-test-0123456789"
+    aws_client("s3").put_object(Bucket=bucket, Key="gateway/acme.yaml", Body=b"tools:\n  - builtin: calculate\n")
+    tenants = {"tenants": {"acme": {"api_keys": [key], "model": "acme-tools", "toolset": f"s3://{bucket}/gateway/acme.yaml"}}}
+    arn = aws_client("secretsmanager").create_secret(Name=f"t-gateway-image/{bucket}", SecretString=json.dumps(tenants))["ARN"]
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": local_aws.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": local_aws.region, "GATEWAY_TENANTS_SECRET": arn, "GATEWAY_PORT": str(port),
+           "GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9/v1"}  # /health and /v1/tools never call the upstream
+    started = time.monotonic()
+    ctr = _check(subprocess.run([*buildah, "from", "--quiet", "--pull=never", gateway_image], capture_output=True, text=True,
+                                timeout=300), "buildah from").stdout.strip()
+    log = (Path(buildah[buildah.index("--root") + 1]).parent / "gateway.log").open("w+")
+    env_args = [a for k, v in env.items() for a in ("--env", f"{k}={v}")]
+    proc = subprocess.Popen([*buildah, "run", "--isolation", "chroot", "--network", "host", *env_args, ctr, "--",
+                             *config["Entrypoint"]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=90, proc=proc)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok", "tenants": 1}
+        tools = httpx.get(f"{base}/v1/tools", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["data"]
+        assert [t["function"]["name"] for t in tools] == ["calculate"]
+        assert httpx.get(f"{base}/v1/tools", timeout=10).status_code == 401
+        TIMINGS["gateway up"] = time.monotonic() - started
+        # What the image holds, asked of its own interpreter (the server keeps running beside it).
+        probe = ("import importlib.metadata as md, importlib.util as u, json, os, sys\n"
+                 "print(json.dumps({'dists': sorted(f\"{d.metadata['Name']}=={d.version}\" for d in md.distributions()\n"
+                 "                                  if '/usr/local/' in str(d._path)),\n"
+                 "                  'modules': {m: u.find_spec(m) is not None for m in ('gateway', 'prefect', 'tasks', 'flows',\n"
+                 "                                                                      'blocks', 'embedded', 'vllm')},\n"
+                 "                  'cwd': sorted(os.listdir('.')), 'uid': os.getuid()}))\n")
+        out = _check(subprocess.run([*buildah, "run", "--isolation", "chroot", ctr, "--", "python", "-c", probe],
+                                    capture_output=True, text=True, timeout=300), "probe").stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["modules"] == {"gateway": True, "prefect": False, "tasks": False, "flows": False, "blocks": False,
+                                  "embedded": False, "vllm": False}, got
+        assert got["cwd"] == ["gateway"] and got["uid"] == 10001, got
+        pins = [line.split("#")[0].strip() for line in (REPO / "images" / "gateway" / "requirements.txt").read_text().splitlines()]
+        norm = sorted(p.lower().replace("_", "-") for p in pins if p)
+        assert sorted(d.lower().replace("_", "-") for d in got["dists"]) == norm, got["dists"]
+        # ECS stops a task with SIGTERM to its process: the exec-form entrypoint makes that the gateway itself, and
+        # uvicorn shuts down cleanly. (SIGTERM to `buildah run` would SIGKILL it: chroot isolation's own way.)
+        servers = [pid for pid in _processes() if _cmdline(pid)[-2:] == ["-m", "gateway"] and f"GATEWAY_PORT={port}" in _environ(pid)]
+        assert len(servers) == 1, [(pid, _cmdline(pid)) for pid in _processes() if "gateway" in " ".join(_cmdline(pid))]
+        os.kill(servers[0], signal.SIGTERM)
+        proc.wait(timeout=60)  # (buildah's own status says how its chroot child ended, not whether it was clean)
+    finally:
+        stop_process(proc)
+        subprocess.run([*buildah, "rm", ctr], capture_output=True, timeout=120)
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "Uvicorn running on http://0.0.0.0:" in output, output[-3000:]
+    assert "Shutting down" in output and "Finished server process" in output, output[-3000:]  # a clean stop
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _environ(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _processes() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]

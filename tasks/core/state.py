@@ -40,6 +40,19 @@ class Endpoint(BaseModel):
     own_requests: int = 0  # local target: completions the deploy itself sent (the first-token probe): not traffic
 
 
+class GatewayEndpoint(BaseModel):
+    """The stack's tool gateway (docs/gateway.md): where clients reach it and where their keys are."""
+
+    url: str  # the gateway's base URL (clients POST {url}/v1/chat/completions)
+    tenants_secret: str  # Secrets Manager ARN of the tenants document: each tenant's api_keys, model and tool set URI
+    tenants: list[str] = Field(default_factory=list)
+    toolsets: dict[str, str] = Field(default_factory=dict)  # tenant -> the s3:// URI of its tool set in the model store
+    pid: int | None = None  # local target only
+    log_path: str | None = None  # local target only
+    started_at: str | None = None
+    digest: str | None = None  # of the configuration it runs (tasks/gateway/config.py): a redeploy with the same is a no-op
+
+
 class ModelRef(BaseModel):
     repo_id: str
     sha: str
@@ -91,6 +104,7 @@ class StackState(BaseModel):
     model: ModelRef | None = None
     adapters: dict[str, ModelRef] = Field(default_factory=dict)  # LoRA adapters by served name
     endpoint: Endpoint | None = None
+    gateway: GatewayEndpoint | None = None  # the tool gateway, when the stack was deployed with one
     resources: list[Resource] = Field(default_factory=list)
     settings: dict = Field(default_factory=dict)  # non-secret server settings, for the record
     ttl_hours: float = Field(default=24, gt=0, description="The reap flow tears the stack down after this long without a "
@@ -229,9 +243,18 @@ def adapter_index_key(stack: str) -> str:
     return f"stacks/{stack}/adapters/index.json"
 
 
+def gateway_prefix(stack: str) -> str:
+    """Where the stack's gateway tool sets live in the model store (tasks/gateway/config.py)."""
+    return f"stacks/{stack}/gateway/"
+
+
 def delete_state(store: ModelStore, stack: str) -> None:
-    """The state record, the adapter index and the traffic: nothing of the stack stays under stacks/<stack>/."""
+    """The state record, the adapter index, the traffic and the gateway's tool sets: nothing of the stack stays
+    under stacks/<stack>/."""
     s3 = s3_client(store)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket_name, Prefix=gateway_prefix(stack)):
+        if keys := [{"Key": o["Key"]} for o in page.get("Contents", [])]:
+            s3.delete_objects(Bucket=store.bucket_name, Delete={"Objects": keys, "Quiet": True})
     for key in (adapter_index_key(stack), traffic_key(stack), state_key(stack)):  # the record last: it says the stack exists
         s3.delete_object(Bucket=store.bucket_name, Key=key)
 

@@ -22,8 +22,10 @@ from tasks.core.errors import is_transient
 from tasks.core.naming import TAG_STACK, log_group_name, resource_name
 from tasks.core.secrets import delete_secret
 from tasks.core.state import Resource
+from tasks.gateway.config import delete_toolset
 from tasks.targets.ecs.alarms import delete_alarm, delete_topic, stack_alarms, stack_topics
 from tasks.targets.ecs.dashboard import delete_dashboard, stack_dashboards
+from tasks.targets.ecs.gateway import family as gateway_family
 from tasks.targets.ecs.gpu_hosts import (
     delete_auto_scaling_group,
     delete_capacity_provider,
@@ -32,7 +34,7 @@ from tasks.targets.ecs.gpu_hosts import (
     terminate_instances,
 )
 from tasks.targets.ecs.iam import delete_instance_profile, delete_role, stack_roles
-from tasks.targets.ecs.network import delete_security_group
+from tasks.targets.ecs.network import delete_security_group, revoke_rule
 from tasks.targets.ecs.scaling import delete_scaling_policy, deregister_scalable_target, stack_scaling
 from tasks.targets.ecs.service import (
     delete_load_balancer,
@@ -41,15 +43,16 @@ from tasks.targets.ecs.service import (
     delete_target_group,
     deregister_family,
 )
+from tasks.targets.local.gateway import stop_local_gateway
 from tasks.targets.local.server import stop_local_server
 
 # Dependency order: what uses a thing goes before it.
 # The scaling target goes before the service (or Application Auto Scaling could raise the count
 # teardown just set to zero); alarms before the topic they notify.
 ORDER = [
-    "process", "dashboard", "alarm", "alarm-topic", "scaling-policy", "scalable-target", "service", "ecs-task", "task-definition", "capacity-provider", "asg", "instance", "launch-template",
-    "listener", "load-balancer", "target-group", "security-group", "log-group", "secret", "instance-profile",
-    "iam-role", "cluster",
+    "gateway-process", "process", "dashboard", "alarm", "alarm-topic", "scaling-policy", "scalable-target", "service", "ecs-task", "task-definition", "capacity-provider", "asg", "instance", "launch-template",
+    "listener-rule", "listener", "load-balancer", "target-group", "ingress-rule", "security-group", "log-group", "secret", "s3-object",
+    "instance-profile", "iam-role", "cluster",
 ]
 # Deleting these can meet a dependency still draining (an ALB's ENIs, a target group in use): retry.
 _RETRYABLE_DELETE = frozenset({"DependencyViolation", "ResourceInUse", "ResourceInUseException", "ClusterContainsServicesException",
@@ -100,6 +103,8 @@ def kind_of_arn(arn: str) -> Resource | None:
             return Resource(kind="target-group", id=arn, region=region)
         if rest.startswith("listener/"):
             return Resource(kind="listener", id=arn, region=region)
+        if rest.startswith("listener-rule/"):
+            return Resource(kind="listener-rule", id=arn, region=region)
     if service == "logs" and rest.startswith("log-group:"):
         return Resource(kind="log-group", id=rest.removeprefix("log-group:").removesuffix(":*"), region=region)
     if service == "secretsmanager":
@@ -138,12 +143,13 @@ def _still_there(aws: Aws, r: Resource) -> bool:
         found = unless_gone(lambda: ecs.describe_tasks(cluster=cluster, tasks=[task_id]), "ClusterNotFoundException",
                             "InvalidParameterException") or {}
         return any(t.get("lastStatus") != "STOPPED" for t in found.get("tasks", []))
-    if r.kind in ("load-balancer", "target-group", "listener"):
+    if r.kind in ("load-balancer", "target-group", "listener", "listener-rule"):
         elb = aws.client("elbv2")
         call = {"load-balancer": lambda: elb.describe_load_balancers(LoadBalancerArns=[r.id]),
                 "target-group": lambda: elb.describe_target_groups(TargetGroupArns=[r.id]),
-                "listener": lambda: elb.describe_listeners(ListenerArns=[r.id])}[r.kind]
-        return unless_gone(call, "LoadBalancerNotFound", "TargetGroupNotFound", "ListenerNotFound") is not None
+                "listener": lambda: elb.describe_listeners(ListenerArns=[r.id]),
+                "listener-rule": lambda: elb.describe_rules(RuleArns=[r.id])}[r.kind]
+        return unless_gone(call, "LoadBalancerNotFound", "TargetGroupNotFound", "ListenerNotFound", "RuleNotFound") is not None
     if r.kind == "cluster":
         return any(c["status"] != "INACTIVE" for c in ecs.describe_clusters(clusters=[r.id])["clusters"])
     if r.kind == "service":
@@ -212,7 +218,7 @@ def scan(aws: Aws, stack: str) -> tuple[list[Resource], list[str]]:
     for cp in cps.get("capacityProviders", []):
         if cp.get("status") == "ACTIVE":
             add(Resource(kind="capacity-provider", id=cp["name"]))
-    for family in (resource_name(stack, "server"), resource_name(stack, "batch")):
+    for family in (resource_name(stack, "server"), resource_name(stack, "batch"), gateway_family(stack)):
         for page in ecs.get_paginator("list_task_definitions").paginate(familyPrefix=family, status="ACTIVE"):
             if any(a.rsplit("/", 1)[-1].rsplit(":", 1)[0] == family for a in page["taskDefinitionArns"]):
                 add(Resource(kind="task-definition", id=family))
@@ -269,6 +275,7 @@ def _stop_task(aws: Aws, r: Resource, cluster: str) -> bool:
 
 # kind -> how to delete one (aws, resource, the stack's cluster); each returns False when it was already gone
 DELETERS: dict[str, Callable[[Aws, Resource, str], bool]] = {
+    "gateway-process": lambda aws, r, cluster: stop_local_gateway(int(r.id)),  # the local target's tool gateway
     "process": lambda aws, r, cluster: stop_local_server(int(r.id)),
     "dashboard": lambda aws, r, cluster: delete_dashboard(aws, r.id),
     "alarm": lambda aws, r, cluster: delete_alarm(aws, r.id),
@@ -282,13 +289,17 @@ DELETERS: dict[str, Callable[[Aws, Resource, str], bool]] = {
     "asg": lambda aws, r, cluster: delete_auto_scaling_group(aws, r.id),
     "instance": lambda aws, r, cluster: terminate_instances(aws, [r.id]),
     "launch-template": lambda aws, r, cluster: delete_launch_template(aws, r.id),
+    "listener-rule": lambda aws, r, cluster: unless_gone(lambda: aws.client("elbv2").delete_rule(RuleArn=r.id),
+                                                         "RuleNotFound") is not None,
     "listener": lambda aws, r, cluster: unless_gone(lambda: aws.client("elbv2").delete_listener(ListenerArn=r.id),
                                                     "ListenerNotFound") is not None,
     "load-balancer": lambda aws, r, cluster: delete_load_balancer(aws, r.id),
     "target-group": lambda aws, r, cluster: delete_target_group(aws, r.id),
+    "ingress-rule": lambda aws, r, cluster: revoke_rule(aws, r.id),
     "security-group": lambda aws, r, cluster: delete_security_group(aws, r.id),
     "log-group": lambda aws, r, cluster: delete_log_group(aws, r.id),
     "secret": lambda aws, r, cluster: delete_secret(r.id, aws.credentials, aws.region),
+    "s3-object": lambda aws, r, cluster: delete_toolset(r.id, aws.credentials, aws.region),
     "instance-profile": lambda aws, r, cluster: delete_instance_profile(aws, r.id),
     "iam-role": lambda aws, r, cluster: delete_role(aws, r.id),
     "cluster": lambda aws, r, cluster: delete_cluster(aws, r.id),

@@ -24,8 +24,10 @@ from tasks.core.aws import Aws, unless_gone
 from tasks.core.errors import PipelineInputError, retry_if_transient
 from tasks.core.naming import log_group_name, metrics_log_group_name, resource_name
 from tasks.core.secrets import ensure_secret, read_secret
-from tasks.core.state import Endpoint, ModelRef, Resource, StackState, save_state
+from tasks.core.state import Endpoint, GatewayEndpoint, ModelRef, Resource, StackState, save_state
+from tasks.gateway.config import publish_gateway
 from tasks.targets.ecs import alarms, dashboard, gpu_hosts, iam, metrics_agent, network, scaling
+from tasks.targets.ecs import gateway as gw
 from tasks.targets.ecs import service as svc
 
 _RETRY = dict(retries=4, retry_delay_seconds=[2, 5, 15, 45], retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
@@ -65,8 +67,10 @@ def deploy_ecs(
     stack: str, store: ModelStore, settings: VllmServerSettings, capacity: EcsGpuCapacity, model: ModelRef,
     image_uri: str, instance_type: str, rec: Recorder, hf_token: SecretStr | None = None, ready_timeout_s: float = 1800,
     poll_s: float = 15, adapters: dict[str, ModelRef] | None = None, adapter_index_uri: str | None = None,
+    gateway: gw.GatewaySpec | None = None,
 ) -> Endpoint:
-    """Every resource, in order; returns the endpoint once `/v1/models` answers through the load balancer."""
+    """Every resource, in order; returns the endpoint once `/v1/models` answers through the load balancer
+    (and, with a `gateway`, once the gateway's `/health` answers through its listener)."""
     logger = get_run_logger()
     agent = capacity.metrics_agent
     aws = Aws(store.credentials, capacity.region)
@@ -154,6 +158,10 @@ def deploy_ecs(
 
     scheme = "https" if capacity.certificate_arn else "http"
     url = f"{scheme}://{lb['DNSName']}"
+    gw_tg = None
+    if gateway is not None:  # before the wait: its task starts while the GPU hosts do
+        rec.state.gateway, gw_tg = deploy_gateway(stack, aws, store, capacity, gateway, rec, net, alb_sg, lb, lb_port, cluster,
+                                                  f"{url}/v1", api_key_arn, settings.served_model_name, partition, account)
     rec.state.endpoint = Endpoint(url=url, served_model_name=settings.served_model_name, api_key_secret=api_key_arn)
     rec.save()
     logger.info("stack %r: waiting up to %.0fs for the service, its targets and %s/v1/models", stack, ready_timeout_s, url)
@@ -161,7 +169,67 @@ def deploy_ecs(
     task(svc.wait_until_ready, name="wait-until-ready", cache_policy=NO_CACHE)(
         aws, stack, cluster, resource_name(stack, "service"), tg_arn, url, api_key, settings.served_model_name, asg_name,
         ready_timeout_s, lambda line: logger.info("stack %r: %s", stack, line), poll_s)
+    if gateway is not None:
+        task(gw.wait_until_ready, name="wait-until-gateway-ready", cache_policy=NO_CACHE)(
+            aws, stack, cluster, gw_tg, rec.state.gateway.url, ready_timeout_s,
+            lambda line: logger.info("stack %r: %s", stack, line), poll_s)
     return rec.state.endpoint
+
+
+def deploy_gateway(stack: str, aws: Aws, store: ModelStore, capacity: EcsGpuCapacity, spec: gw.GatewaySpec, rec: Recorder,
+                   net: network.Network, alb_sg: str, lb: dict, lb_port: int, cluster: str, upstream_url: str,
+                   api_key_arn: str, base_name: str, partition: str, account: str) -> tuple[GatewayEndpoint, str]:
+    """The tool gateway's resources (tasks/targets/ecs/gateway.py), each recorded the moment it exists; returns
+    its endpoint and its target group. The tool sets and the tenants secret are the local target's too
+    (tasks/gateway/config.py)."""
+    block, region = spec.block, capacity.region
+    before = {(r.kind, r.id) for r in rec.state.resources}
+    config = step("gateway-tenants", publish_gateway, stack, block, spec.docs, store, base_name, region,
+                  lambda kind, rid: rec.keep(kind, rid, (kind, rid) not in before))
+
+    gw_sg = rec.keep("security-group", *step("security-group-gateway", network.ensure_security_group, aws, stack, gw.KIND,
+                                               net.vpc_id, f"vllm-pipeline {stack}: tool gateway"))
+    rec.keep("ingress-rule", *step("ingress-gateway", network.ensure_rule, aws, gw_sg, gw.CONTAINER_PORT, alb_sg,
+                                   "from the load balancer"))
+    for cidr in capacity.ingress_cidrs or [net.cidr]:
+        rec.keep("ingress-rule", *step("ingress-alb-gateway", network.ensure_rule, aws, alb_sg, block.listener_port, cidr,
+                                       "vllm-pipeline gateway clients (ingress_cidrs)"))
+    rec.keep("ingress-rule", *step("ingress-alb-from-gateway", network.ensure_rule, aws, alb_sg, lb_port, gw_sg,
+                                   "the tool gateway's calls to vLLM"))
+
+    log_arn, made = step("log-group-gateway", svc.ensure_log_group, aws, stack, capacity.log_retention_days, gw.log_group(stack))
+    rec.keep("log-group", gw.log_group(stack), made)
+    exec_kind, task_kind = gw.role_kinds()
+    exec_arn, made = step("role-gateway-execution", iam.ensure_role, aws, stack, exec_kind, "ecs-tasks.amazonaws.com",
+                          iam.execution_policy(spec.image_uri, log_arn, [api_key_arn], partition))
+    rec.keep("iam-role", resource_name(stack, exec_kind), made)
+    secrets = [config.tenants_secret, *(gw.secret_resource(s, partition, region, account) for s in spec.header_secrets)]
+    task_arn, made = step("role-gateway-task", iam.ensure_role, aws, stack, task_kind, "ecs-tasks.amazonaws.com",
+                          gw.task_policy(list(config.toolsets.values()), secrets, partition))
+    rec.keep("iam-role", resource_name(stack, task_kind), made)
+
+    env = gw.environment(upstream_url, config.tenants_secret, block, region, spec.digest)
+    definition = gw.task_definition(stack, block, spec.image_uri, exec_arn, task_arn, env, api_key_arn, region)
+    family_known = ("task-definition", gw.family(stack)) in before
+    td_arn, made = step("task-definition-gateway", svc.register_task_definition, aws, definition)
+    rec.keep("task-definition", gw.family(stack), made and not family_known)  # a new family: a rollback removes it
+    if made:
+        rec.created.append(Resource(kind="task-definition-revision", id=td_arn, region=region))
+
+    tg_arn = rec.keep("target-group", *step("target-group-gateway", gw.ensure_target_group, aws, stack, net.vpc_id,
+                                            int(min(3600, block.deadline_s))))
+    listener = rec.keep("listener", *step("listener-gateway", gw.ensure_listener, aws, stack, lb["LoadBalancerArn"],
+                                          block.listener_port, tg_arn))
+    rec.keep("listener-rule", *step("listener-rule-gateway-metrics", gw.ensure_metrics_rule, aws, stack, listener))
+    previous = step("gateway-before", _service_task_definition, aws, cluster, stack, gw.KIND)
+    public = step("gateway-public-ip", gw.public_ip, aws, net.subnets)
+    _, made = step("service-gateway", gw.ensure_service, aws, stack, cluster, td_arn, tg_arn, gw_sg, net.subnets, public)
+    rec.keep("service", f"{cluster}/{resource_name(stack, gw.KIND)}", made)
+    if previous and previous != td_arn:
+        rec.created.append(Resource(kind="gateway-revision", id=previous, region=region))
+    endpoint = GatewayEndpoint(url=f"http://{lb['DNSName']}:{block.listener_port}", tenants_secret=config.tenants_secret,
+                               tenants=config.tenants, toolsets=config.toolsets)
+    return endpoint, tg_arn
 
 
 def operate(stack: str, aws: Aws, capacity: EcsGpuCapacity, rec: Recorder, cluster: str, lb_arn: str, tg_arn: str,
@@ -202,10 +270,10 @@ def _keep_secret(rec: Recorder, aws: Aws, stack: str, what: str, value: SecretSt
     return rec.keep("secret", arn, not existed)
 
 
-def _service_task_definition(aws: Aws, cluster: str, stack: str) -> str | None:
+def _service_task_definition(aws: Aws, cluster: str, stack: str, kind: str = "service") -> str | None:
     """The service's task definition now: what a failed update rolls back to. None only when there is
     no service (or no cluster yet); any other error (throttled, denied) is raised, so an update never
     goes ahead without knowing what to roll back to (the step's retry rule retries the transient ones)."""
-    found = (unless_gone(lambda: aws.client("ecs").describe_services(cluster=cluster, services=[resource_name(stack, "service")]),
+    found = (unless_gone(lambda: aws.client("ecs").describe_services(cluster=cluster, services=[resource_name(stack, kind)]),
                          "ClusterNotFoundException") or {}).get("services", [])
     return next((s["taskDefinition"] for s in found if s["status"] == "ACTIVE"), None)

@@ -1,4 +1,5 @@
-"""Network for the ECS target: the VPC and subnets, and two security groups per stack.
+"""Network for the ECS target: the VPC and subnets, and two security groups per stack (three with a tool
+gateway: its own, and two recorded rules on the load balancer's group; gateway.py).
 
 - `<stack>-alb`: the load balancer; ingress only from the configured CIDRs (default: the VPC's
   own CIDR) on 80 (or 443).
@@ -90,6 +91,53 @@ def ensure_ingress(aws: Aws, group_id: str, port: int, *, cidrs: list[str] | Non
     except ClientError as exc:
         if error_code(exc) != "InvalidPermission.Duplicate":
             raise
+
+
+def _permission(port: int, source: str, description: str) -> dict:
+    perm: dict = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
+    if source.startswith("sg-"):
+        perm["UserIdGroupPairs"] = [{"GroupId": source, "Description": description}]
+    else:
+        perm["IpRanges"] = [{"CidrIp": source, "Description": description}]
+    return perm
+
+
+def rule_id(group_id: str, port: int, source: str) -> str:
+    """An ingress rule as a recorded resource: `<group>:<port>:<CIDR or source group>`."""
+    return f"{group_id}:{port}:{source}"
+
+
+def ensure_rule(aws: Aws, group_id: str, port: int, source: str, description: str) -> tuple[str, bool]:
+    """One TCP ingress rule on a group that is not only this rule's (the load balancer's, which the gateway adds
+    to): recorded by itself, so a rollback that removes the gateway from a running stack removes its rules too.
+    `source`: a CIDR or a security group id. Returns (rule id, created)."""
+    try:
+        aws.client("ec2").authorize_security_group_ingress(GroupId=group_id, IpPermissions=[_permission(port, source, description)])
+    except ClientError as exc:
+        if error_code(exc) != "InvalidPermission.Duplicate":
+            raise
+        return rule_id(group_id, port, source), False
+    return rule_id(group_id, port, source), True
+
+
+def revoke_rule(aws: Aws, rid: str) -> bool:
+    """The rule `rid` (rule_id) revoked, as the group describes it (description included: moto matches on it);
+    False when it or its group is gone already."""
+    ec2 = aws.client("ec2")
+    group_id, port, source = rid.split(":", 2)
+    found = unless_gone(lambda: ec2.describe_security_groups(GroupIds=[group_id]), "InvalidGroup.NotFound")
+    if found is None:
+        return False
+    key, field = ("UserIdGroupPairs", "GroupId") if source.startswith("sg-") else ("IpRanges", "CidrIp")
+    entries = [e for p in found["SecurityGroups"][0].get("IpPermissions", [])
+               if p.get("IpProtocol") == "tcp" and p.get("FromPort") == int(port) == p.get("ToPort")
+               for e in p.get(key, []) if e.get(field) == source]
+    if not entries:
+        return False
+    perm = {"IpProtocol": "tcp", "FromPort": int(port), "ToPort": int(port),
+            key: [{k: v for k, v in e.items() if k in (field, "Description")} for e in entries[:1]]}
+    return unless_gone(lambda: ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=[perm]),
+                       "InvalidGroup.NotFound", "InvalidPermission.NotFound") is not None
 
 
 class StillAttachedError(RuntimeError):
