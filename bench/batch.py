@@ -301,6 +301,31 @@ def stack_servers(stack: str) -> list[int]:
     return pids
 
 
+def teardown_bench_stack(stack_name: str, clean: bool) -> None:
+    """Tear a bench's stack down, stop any server of it the record missed (a deploy interrupted while the
+    server started), and remove its folder unless something failed (`clean` False, or the teardown): then
+    its server log is kept and named."""
+    from embedded.model_kit import cache_root
+    from flows.teardown import teardown_stack
+    from tasks.targets.local.runtime import stop_server
+
+    try:
+        torn = teardown_stack(stack=stack_name)
+        print(f"\ntorn down stack {stack_name!r}: {len(torn.deleted)} resources deleted, "
+              f"tag scan: {torn.left or 'nothing left'}", flush=True)
+    except BaseException as exc:  # noqa: BLE001 - the process check below still runs
+        print(f"teardown of {stack_name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        clean = False
+    for pid in stack_servers(stack_name):
+        print(f"stopping server pid {pid} of {stack_name!r} that the state record did not name", flush=True)
+        stop_server(pid)
+    folder = cache_root() / "stacks" / stack_name
+    if clean:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.exists():
+        print(f"server log kept: {folder / 'server.log'}", flush=True)
+
+
 def deploy_stack(stack: str, repo_id: str, settings, ready_timeout_s: float):
     from prefect import flow
 
@@ -445,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.testing.utilities import prefect_test_harness
 
         from blocks.vllm_server import VllmServerSettings
-        from embedded.model_kit import cache_root
         from embedded.stack import embedded_stack
 
         t0 = time.perf_counter()
@@ -453,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         print("starting a private Prefect server, building/finding the default model, moto and the local hub", flush=True)
         with prefect_test_harness(server_startup_timeout=180), embedded_stack() as stack:
             from flows.stage import stage_model
-            from flows.teardown import teardown_stack
             from tasks.core.secrets import read_secret
 
             try:
@@ -517,23 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 for proc in list(ctx["children"]):
                     stop_process(proc)
                 if deployed:
-                    try:
-                        torn = teardown_stack(stack=stack_name)
-                        print(f"\ntorn down stack {stack_name!r}: {len(torn.deleted)} resources deleted, "
-                              f"tag scan: {torn.left or 'nothing left'}", flush=True)
-                    except BaseException as exc:  # noqa: BLE001 - the process check below still runs
-                        print(f"teardown of {stack_name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                        clean = False
-                    from tasks.targets.local.runtime import stop_server
-
-                    for pid in stack_servers(stack_name):  # e.g. a deploy interrupted while the server started
-                        print(f"stopping server pid {pid} of {stack_name!r} that the state record did not name", flush=True)
-                        stop_server(pid)
-                    folder = cache_root() / "stacks" / stack_name
-                    if clean:
-                        shutil.rmtree(folder, ignore_errors=True)
-                    elif folder.exists():
-                        print(f"server log kept: {folder / 'server.log'}", flush=True)
+                    teardown_bench_stack(stack_name, clean)
     except (_Terminated, KeyboardInterrupt) as exc:
         print(f"bench interrupted: {exc or 'Ctrl-C'}", file=sys.stderr, flush=True)
         return 1

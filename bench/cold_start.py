@@ -126,23 +126,6 @@ def deploy_and_time(stack: str, repo_id: str, settings, ready_timeout_s: float) 
             "exec": "in-process (imported during the fetch)" if started and "imported" in started.detail else "exec"}
 
 
-def stack_servers(stack: str) -> list[int]:
-    """Server processes started for `stack` (session leaders running in its folder), recorded or not."""
-    from embedded.model_kit import cache_root
-    from tasks.targets.local.runtime import is_our_server
-
-    folder = str(cache_root() / "stacks" / stack)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/cwd") == folder and os.getsid(int(entry)) == int(entry) and is_our_server(int(entry)):
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved; default 1")
@@ -183,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         with prefect_test_harness(server_startup_timeout=180), embedded_stack(folder) as emb:
+            from bench.batch import stack_servers
             from flows.stage import stage_model
             from tasks.targets.local.runtime import stop_server
 

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         from blocks.vllm_server import VllmServerSettings
         from embedded.hub_server import HubRepo, LocalHub
         from embedded.local_aws import local_aws, patched_env
-        from embedded.model_kit import REPO_ROOT, cache_root, ensure_default_model
+        from embedded.model_kit import REPO_ROOT, ensure_default_model
         from embedded.stack import DEFAULT_REPO_ID
 
         t0 = time.perf_counter()
@@ -485,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_test_harness(server_startup_timeout=180), local_aws(), \
                 LocalHub({DEFAULT_REPO_ID: HubRepo(base), TOOLS_REPO: HubRepo(adapter)}) as hub, \
                 patched_env({"HF_ENDPOINT": hub.endpoint}):
-            from flows.teardown import teardown_stack
             from tasks.core.secrets import read_secret
 
             try:
@@ -540,24 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                 for child in list(ctx["children"]):
                     stop_process(child)
                 if deployed:
-                    try:
-                        torn = teardown_stack(stack=stack_name)
-                        print(f"\ntorn down stack {stack_name!r}: {len(torn.deleted)} resources deleted, "
-                              f"tag scan: {torn.left or 'nothing left'}", flush=True)
-                    except BaseException as exc:  # noqa: BLE001 - the process check below still runs
-                        print(f"teardown of {stack_name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                        clean = False
-                    from bench.batch import stack_servers
-                    from tasks.targets.local.runtime import stop_server
+                    from bench.batch import teardown_bench_stack
 
-                    for pid in stack_servers(stack_name):
-                        print(f"stopping server pid {pid} of {stack_name!r} that the state record did not name", flush=True)
-                        stop_server(pid)
-                    folder = cache_root() / "stacks" / stack_name
-                    if clean:
-                        shutil.rmtree(folder, ignore_errors=True)
-                    elif folder.exists():
-                        print(f"server log kept: {folder / 'server.log'}", flush=True)
+                    teardown_bench_stack(stack_name, clean)
     except (_Terminated, KeyboardInterrupt) as exc:
         print(f"bench interrupted: {exc or 'Ctrl-C'}", file=sys.stderr, flush=True)
         return 1

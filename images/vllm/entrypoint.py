@@ -79,6 +79,19 @@ def _split(uri: str) -> tuple[str, str]:
     return u.netloc, u.path.strip("/")
 
 
+def _model_s3():
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
+
+
+def _manifest(s3, uri: str) -> dict:
+    """The staged model's manifest; its absence means the stage flow has not finished (it writes it last)."""
+    bucket, prefix = _split(uri)
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        raise SystemExit(f"[entrypoint] {uri} has no {MANIFEST}: the model is not (completely) staged") from None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -192,12 +205,9 @@ def fetch(uri: str, cache_root: Path, s3=None, phases: bool = False) -> Path:
     that are either verified or absent. `phases`: log the cold-start phase lines (the served model's fetch)."""
     if phases:
         phase("fetch-begin", uri=uri)
-    s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
+    s3 = s3 or _model_s3()
     bucket, prefix = _split(uri)
-    try:
-        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        raise SystemExit(f"[entrypoint] {uri} has no {MANIFEST}: the model is not (completely) staged") from None
+    manifest = _manifest(s3, uri)
     key = f"{bucket}/{prefix}"
     target = cache_root / bucket / prefix
     files = manifest["files"]
@@ -375,12 +385,9 @@ def check_objects(uri: str, s3=None, phases: bool = False) -> dict[str, str]:
     If-Match, so an object overwritten between this check and the load, or overwritten by someone who
     also copied its metadata, is loaded as it is; the default load format ('auto') hashes what it loads.
     Returns {path: ETag} of what was checked (logged, so a later change of an object can be told)."""
-    s3 = s3 or boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=16))
+    s3 = s3 or _model_s3()
     bucket, prefix = _split(uri)
-    try:
-        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        raise SystemExit(f"[entrypoint] {uri} has no {MANIFEST}: the model is not (completely) staged") from None
+    manifest = _manifest(s3, uri)
     files = manifest["files"]
 
     def one(entry: dict) -> tuple[str, str]:

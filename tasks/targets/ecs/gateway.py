@@ -41,18 +41,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from blocks.ecs_capacity import EcsGpuCapacity
 from blocks.model_store import ModelStore
 from blocks.tool_gateway import ToolGateway
 from gateway.toolset import SecretHeader, ToolSet, WebhookImpl
-from tasks.core.aws import Aws, error_code, unless_gone
+from tasks.core.aws import Aws, unless_gone
 from tasks.core.errors import PipelineInputError
 from tasks.core.naming import resource_name, short_name, tag_list
 from tasks.core.state import Resource, StackState
 from tasks.gateway.config import resolve_gateway
+from tasks.targets.ecs.service import get_or_create_target_group
 
 KIND = "gateway"  # resource_name(stack, KIND): the service, the task family and the security group
 CONTAINER = "gateway"
@@ -175,22 +175,8 @@ def task_policy(toolset_uris: list[str], secret_resources: list[str], partition:
 def ensure_target_group(aws: Aws, stack: str, vpc_id: str, drain_s: int) -> tuple[str, bool]:
     """`ip` targets on the gateway's port, health check /health; the deregistration delay lets a leaving task
     finish its requests (at most the gateway's deadline)."""
-    elb = aws.client("elbv2")
-    name = short_name(stack, "gw")
-    created = False
-    try:
-        arn = elb.describe_target_groups(Names=[name])["TargetGroups"][0]["TargetGroupArn"]
-    except ClientError as exc:
-        if error_code(exc) != "TargetGroupNotFound":
-            raise
-        arn = elb.create_target_group(
-            Name=name, Protocol="HTTP", Port=CONTAINER_PORT, VpcId=vpc_id, TargetType="ip",
-            HealthCheckProtocol="HTTP", HealthCheckPath="/health", HealthCheckIntervalSeconds=15, HealthCheckPort="traffic-port",
-            HealthCheckTimeoutSeconds=5, HealthyThresholdCount=2, UnhealthyThresholdCount=3,
-            Matcher={"HttpCode": "200"}, Tags=tag_list(stack),
-        )["TargetGroups"][0]["TargetGroupArn"]
-        created = True
-    elb.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
+    arn, created = get_or_create_target_group(aws, stack, "gw", CONTAINER_PORT, vpc_id, "ip", unhealthy_threshold=3)
+    aws.client("elbv2").modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
         {"Key": "deregistration_delay.timeout_seconds", "Value": str(drain_s)}])
     return arn, created
 

@@ -231,22 +231,27 @@ def ensure_load_balancer(aws: Aws, stack: str, capacity: EcsGpuCapacity, subnets
     return lb, True
 
 
-def ensure_target_group(aws: Aws, stack: str, capacity: EcsGpuCapacity, vpc_id: str) -> tuple[str, bool]:
+def get_or_create_target_group(aws: Aws, stack: str, suffix: str, port: int, vpc_id: str, target_type: str,
+                               unhealthy_threshold: int) -> tuple[str, bool]:
+    """The stack's target group `suffix` (HTTP, health check /health every 15 s), made if missing."""
     elb = aws.client("elbv2")
-    name = short_name(stack, "tg")
-    created = False
+    name = short_name(stack, suffix)
     try:
-        arn = elb.describe_target_groups(Names=[name])["TargetGroups"][0]["TargetGroupArn"]
+        return elb.describe_target_groups(Names=[name])["TargetGroups"][0]["TargetGroupArn"], False
     except ClientError as exc:
         if error_code(exc) != "TargetGroupNotFound":
             raise
-        arn = elb.create_target_group(
-            Name=name, Protocol="HTTP", Port=capacity.container_port, VpcId=vpc_id, TargetType="instance",
-            HealthCheckProtocol="HTTP", HealthCheckPath="/health", HealthCheckIntervalSeconds=15, HealthCheckPort="traffic-port",
-            HealthCheckTimeoutSeconds=5, HealthyThresholdCount=2, UnhealthyThresholdCount=5,
-            Matcher={"HttpCode": "200"}, Tags=tag_list(stack),
-        )["TargetGroups"][0]["TargetGroupArn"]
-        created = True
+    return elb.create_target_group(
+        Name=name, Protocol="HTTP", Port=port, VpcId=vpc_id, TargetType=target_type,
+        HealthCheckProtocol="HTTP", HealthCheckPath="/health", HealthCheckIntervalSeconds=15, HealthCheckPort="traffic-port",
+        HealthCheckTimeoutSeconds=5, HealthyThresholdCount=2, UnhealthyThresholdCount=unhealthy_threshold,
+        Matcher={"HttpCode": "200"}, Tags=tag_list(stack),
+    )["TargetGroups"][0]["TargetGroupArn"], True
+
+
+def ensure_target_group(aws: Aws, stack: str, capacity: EcsGpuCapacity, vpc_id: str) -> tuple[str, bool]:
+    elb = aws.client("elbv2")
+    arn, created = get_or_create_target_group(aws, stack, "tg", capacity.container_port, vpc_id, "instance", unhealthy_threshold=5)
     # Least outstanding requests suits uneven generation lengths; AWS refuses it together with slow start.
     # The deregistration delay is scale-in's safety: a task leaving the target group gets no new request
     # and finishes those in flight for up to this long before ECS stops it (stopTimeout then gives vLLM

@@ -12,11 +12,9 @@ are handed to it as the standard AWS variables, so it reads what the deploy wrot
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 from prefect import get_run_logger, task
@@ -26,8 +24,9 @@ from prefect_aws import AwsCredentials
 from blocks.tool_gateway import ToolGateway
 from tasks.core.s3 import utc_now
 from tasks.core.state import Endpoint, GatewayEndpoint
-from tasks.targets.local.paths import REPO_ROOT, free_port
-from tasks.targets.local.runtime import _port_free, stack_dir, tail
+from tasks.targets.local.paths import REPO_ROOT, free_port, port_free
+from tasks.targets.local.processes import alive, command_line, stop_group
+from tasks.targets.local.runtime import stack_dir, tail
 
 
 class GatewayStartError(RuntimeError):
@@ -36,23 +35,14 @@ class GatewayStartError(RuntimeError):
 
 def is_our_gateway(pid: int | None) -> bool:
     """True when `pid` is alive and runs `python -m gateway` (not a recycled pid)."""
-    if not pid:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except FileNotFoundError:
+    argv = command_line(pid)
+    if argv is None:
         return False
     return any(a == "-m" and nxt == "gateway" for a, nxt in zip(argv, argv[1:]))
 
 
 def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and died
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    return is_our_gateway(pid)
+    return alive(pid, is_our_gateway)
 
 
 def gateway_alive(gw: GatewayEndpoint | None) -> bool:
@@ -83,7 +73,7 @@ def start_gateway_process(stack: str, gateway: ToolGateway, endpoint: Endpoint, 
                           credentials: AwsCredentials | None = None) -> tuple[int, str, str]:
     """Start `python -m gateway`; returns (pid, base URL, log path) without waiting. The block's port if it
     is free, else any free one."""
-    port = gateway.port if _port_free(gateway.port) else free_port()
+    port = gateway.port if port_free(gateway.port) else free_port()
     log_path = stack_dir(stack) / "gateway.log"
     env = {
         **os.environ,
@@ -130,23 +120,7 @@ def wait_gateway(pid: int, url: str, log_path: str, timeout: float) -> None:
 
 def stop_gateway_process(pid: int | None, grace: float = 10) -> bool:
     """SIGTERM its process group, SIGKILL after `grace` seconds. False if it was already gone."""
-    if not pid or not is_our_gateway(pid):
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        while _alive(pid):
-            time.sleep(0.1)
-    return True
+    return stop_group(pid, is_our_gateway, grace, poll=0.2)
 
 
 @task(name="start-local-gateway", cache_policy=NO_CACHE)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import NamedTuple
 import httpx
 
 from blocks.vllm_server import VllmServerSettings
-from tasks.targets.local.paths import REPO_ROOT, cache_root, free_port, vllm_python
+from tasks.targets.local.paths import REPO_ROOT, cache_root, free_port, port_free, vllm_python
+from tasks.targets.local.processes import alive, command_line, stop_group
 
 ENTRYPOINT = REPO_ROOT / "images" / "vllm" / "entrypoint.py"
 
@@ -53,23 +52,11 @@ def is_our_server(pid: int | None) -> bool:
     """True when `pid` is alive and is a vLLM API server (not a recycled pid): vLLM's server module, or the
     entrypoint serving in-process (runtime LoRA) from any copy of the project -- a worker in another copy
     deploys the stacks this one validates, reaps and tears down (tests/test_worker_e2e.py)."""
-    if not pid:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except FileNotFoundError:
+    argv = command_line(pid)
+    if argv is None:
         return False
     suffix = "/" + "/".join(ENTRYPOINT.parts[-3:])  # /images/vllm/entrypoint.py
     return "vllm.entrypoints.openai.api_server" in argv or any(a.endswith(suffix) for a in argv)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def start_server(
@@ -78,7 +65,7 @@ def start_server(
 ) -> tuple[int, str, str]:
     """Start the entrypoint; returns (pid, base URL, log path). Does not wait for readiness.
     `port`: the one to use if it is free (a stack woken from zero keeps its URL); else any free one."""
-    port = port if port and _port_free(port) else free_port()
+    port = port if port and port_free(port) else free_port()
     log_path = stack_dir(stack) / "server.log"
     env = {
         **os.environ,
@@ -126,31 +113,9 @@ def wait_ready(pid: int, url: str, served_name: str, api_key: str, log_path: str
 
 
 def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and died
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    return is_our_server(pid)
+    return alive(pid, is_our_server)
 
 
 def stop_server(pid: int | None, grace: float = 20) -> bool:
     """SIGTERM the server's process group, SIGKILL after `grace` seconds. False if it was already gone."""
-    if not pid or not is_our_server(pid):
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.3)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        while _alive(pid):
-            time.sleep(0.1)
-    return True
+    return stop_group(pid, is_our_server, grace, poll=0.3)
